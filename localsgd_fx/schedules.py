@@ -1,0 +1,692 @@
+"""Learning-mode selection: which layers are LOCAL and which are SGD (DESIGN.md 1.3).
+
+A *schedule* (selector) is asked once at the end of every epoch for the next transition
+layer ``t``: layers ``0..t-1`` are updated with the local rule, layers ``t..N-1`` with SGD.
+Every schedule obeys the paper's constraints, enforced in one place,
+:meth:`Schedule.select`:
+
+* training starts at ``t = 0`` (plain SGD),
+* ``t`` never decreases (each layer switches at most once, SGD -> LOCAL),
+* ``t`` never exceeds ``max_local`` (by default ``N - 1``: the classifier stays on SGD).
+
+A schedule only implements :meth:`Schedule.propose` (its raw wish); :meth:`Schedule.select`
+clips that wish to ``[stats.transition, max_local]``.
+
+Provided schedules:
+
+* :class:`Static` - a closed-form function of the epoch (linear / quadratic / exponential).
+* :class:`Dynamic` - the paper's Algorithm 1, driven by the per-layer SGD update norms.
+* :class:`PolicySchedule` - wraps a user callable ``policy(epoch, stats) -> int``.
+* :class:`PlainSGD` - always proposes 0 (the plain-SGD baseline).
+* :class:`Manual` - proposes the current ``t`` (the user moves it with ``set_transition``).
+
+:func:`make_schedule` builds one from a string shorthand, a callable or an instance.
+
+This module is pure Python (no torch) and depends on no other ``localsgd_fx`` module; all
+state is plain, JSON-serialisable data so that a resumed run makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "EpochStats",
+    "Schedule",
+    "Static",
+    "Dynamic",
+    "PolicySchedule",
+    "PlainSGD",
+    "Manual",
+    "make_schedule",
+    "SCHEDULE_NAMES",
+    "STATIC_DEFAULT_C1",
+    "STATIC_DEFAULT_C2",
+    "STATIC_DEFAULT_K",
+    "DYNAMIC_DEFAULT_ALPHA",
+    "DYNAMIC_DEFAULT_SHIFT",
+    "DYNAMIC_DEFAULT_BETA",
+    "DYNAMIC_DEFAULT_WARMUP_EPOCHS",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, in one visible place. They sit inside the paper's good range and are meant to be
+# re-tuned from measurements (benchmarks/), so nothing else should hard-code them.
+# ---------------------------------------------------------------------------------------------
+#: Static: most layers ever local. A float is a fraction of the layers (capped at max_local);
+#: 0.75 keeps the last quarter of the network on SGD even at the end of training.
+STATIC_DEFAULT_C1: float = 0.75
+#: Static: epoch at which local updates begin. A float in [0, 1) is a fraction of total_epochs,
+#: so the default scales with the run length (10 % of the epochs are pure SGD).
+STATIC_DEFAULT_C2: float = 0.1
+#: Static: steepness of the exponential profile (DESIGN 1.3, k = 4).
+STATIC_DEFAULT_K: float = 4.0
+#: Dynamic: move when delta_E < alpha * running average (paper's good range: 0.1 - 0.5).
+DYNAMIC_DEFAULT_ALPHA: float = 0.3
+#: Dynamic: layers to move per decision. A float in (0, 1] is a fraction of the layers
+#: (at least 1); the paper's good range is 10 - 15 %.
+DYNAMIC_DEFAULT_SHIFT: float = 0.1
+#: Dynamic: decay of the exponential running average (Algorithm 1 line 1).
+DYNAMIC_DEFAULT_BETA: float = 0.9
+#: Dynamic: no move while ``stats.epoch <= warmup_epochs`` (the history is still recorded).
+DYNAMIC_DEFAULT_WARMUP_EPOCHS: int = 1
+
+#: The string shorthands accepted by :func:`make_schedule`.
+SCHEDULE_NAMES: tuple[str, ...] = (
+    "dynamic",
+    "static",
+    "quadratic",
+    "linear",
+    "exponential",
+    "sgd",
+    "none",
+    "manual",
+)
+
+_STATIC_KINDS: tuple[str, ...] = ("linear", "quadratic", "exponential")
+
+
+@dataclass
+class EpochStats:
+    """What the model wrapper knows at the end of an epoch, handed to a schedule.
+
+    Args:
+        epoch: epochs completed so far (1 after the first epoch).
+        transition: the current transition layer ``t`` (layers ``< t`` are LOCAL).
+        num_layers: ``N``, the number of conv/linear layers.
+        max_local: the largest ``t`` allowed.
+        update_norms: layer index -> ``delta_E = ||W_end(E) - W_start(E)||_2``, the norm of the
+            layer's net SGD update over the epoch, for every SGD layer (index >= transition).
+        flop_shares: per-layer share of the layer FLOPs (sums to 1), or ``None``.
+    """
+
+    epoch: int
+    transition: int
+    num_layers: int
+    max_local: int
+    update_norms: dict[int, float]
+    flop_shares: list[float] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checking helpers: every message names the argument and its valid range.
+# ---------------------------------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    # bool is an int subclass, but True as "1 layer" is almost surely a mistake.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_int(name: str, value: Any, lo: int, what: str = "") -> int:
+    if not _is_int(value) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}{what}, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value: Any, rng: str, ok: Callable[[float], bool]) -> float:
+    if not _is_real(value) or not math.isfinite(value) or not ok(float(value)):
+        raise ValueError(f"{name} must be a float in {rng}, got {value!r}")
+    return float(value)
+
+
+class Schedule(ABC):
+    """Base class of the learning-mode selectors.
+
+    Subclasses implement :meth:`propose`; the constraints (monotone, at most ``max_local``)
+    are applied by :meth:`select`, once, for every schedule. Subclasses that keep state
+    extend :meth:`state_dict` / :meth:`load_state_dict` with plain Python data.
+
+    The model wrapper calls :meth:`bind` once (when it knows the number of layers) and
+    :meth:`select` at every epoch end. :meth:`select` binds from the stats if :meth:`bind` was
+    never called, so a schedule can also be driven by hand.
+
+    Example::
+
+        >>> class EveryOtherEpoch(Schedule):
+        ...     def propose(self, stats):
+        ...         return stats.epoch // 2
+        >>> s = EveryOtherEpoch()
+        >>> s.select(EpochStats(epoch=4, transition=0, num_layers=5, max_local=4, update_norms={}))
+        2
+    """
+
+    def __init__(self) -> None:
+        self.num_layers: int | None = None
+        self.max_local: int | None = None
+        self.total_epochs: int | None = None
+
+    # -- binding -----------------------------------------------------------------------------
+    @property
+    def bound(self) -> bool:
+        """Whether :meth:`bind` has resolved this schedule against a model."""
+        return self.num_layers is not None
+
+    def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
+        """Resolve fractions against the model and validate the arguments.
+
+        Args:
+            num_layers: ``N``, the number of conv/linear layers (>= 1).
+            max_local: the largest transition allowed, in ``[0, num_layers]``.
+            total_epochs: length of the run in epochs, if known (needed by :class:`Static`).
+
+        Raises:
+            ValueError: on an invalid argument, or one this schedule cannot work with.
+        """
+        num_layers = _check_int("num_layers", num_layers, 1)
+        if not _is_int(max_local) or not 0 <= max_local <= num_layers:
+            raise ValueError(
+                f"max_local must be an int in [0, num_layers={num_layers}], got {max_local!r}"
+            )
+        if total_epochs is not None:
+            total_epochs = _check_int("total_epochs", total_epochs, 1)
+        old = (self.num_layers, self.max_local, self.total_epochs)
+        self.num_layers, self.max_local = num_layers, int(max_local)
+        self.total_epochs = total_epochs
+        try:
+            self._resolve()
+        except Exception:
+            # Stay unbound on failure, so that a later select() retries instead of half-working.
+            self.num_layers, self.max_local, self.total_epochs = old
+            raise
+
+    def _resolve(self) -> None:
+        """Hook for subclasses: resolve fractions once the model is known."""
+
+    # -- decisions ---------------------------------------------------------------------------
+    @abstractmethod
+    def propose(self, stats: EpochStats) -> int:
+        """The schedule's raw wish for the next transition (before the constraints).
+
+        Args:
+            stats: the statistics of the epoch that just ended.
+
+        Returns:
+            A layer index; :meth:`select` clips it to ``[stats.transition, max_local]``.
+        """
+
+    def select(self, stats: EpochStats) -> int:
+        """The next transition layer: ``clip(propose(stats), stats.transition, max_local)``.
+
+        The lower bound wins over the upper one: if the current transition is already past
+        ``max_local`` (set by hand), it is kept, since a layer never goes back to SGD.
+
+        Args:
+            stats: the statistics of the epoch that just ended.
+
+        Returns:
+            The transition layer for the next epoch.
+
+        Example::
+
+            >>> s = PlainSGD()
+            >>> s.select(EpochStats(epoch=1, transition=2, num_layers=5, max_local=4,
+            ...                     update_norms={}))
+            2
+        """
+        if not self.bound:
+            self.bind(stats.num_layers, stats.max_local, self.total_epochs)
+        proposal = self.propose(stats)
+        if not _is_int(proposal):
+            raise TypeError(
+                f"{type(self).__name__}.propose must return an int layer index, got "
+                f"{proposal!r} ({type(proposal).__name__})"
+            )
+        return max(int(stats.transition), min(int(proposal), int(stats.max_local)))
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (arguments, bound values, history) as JSON-able plain data.
+
+        Returns:
+            A dict that :meth:`load_state_dict` of a fresh instance of the same class turns
+            into a schedule making the same decisions.
+        """
+        return {
+            "type": type(self).__name__,
+            "num_layers": self.num_layers,
+            "max_local": self.max_local,
+            "total_epochs": self.total_epochs,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict` (overrides constructor arguments).
+
+        Args:
+            state: a dict from :meth:`state_dict`, possibly after a JSON round trip.
+
+        Raises:
+            ValueError: if the state belongs to another schedule class.
+        """
+        kind = state.get("type")
+        if kind != type(self).__name__:
+            raise ValueError(
+                f"cannot load a {kind!r} schedule state into a {type(self).__name__} schedule"
+            )
+        self.num_layers = state["num_layers"]
+        self.max_local = state["max_local"]
+        self.total_epochs = state["total_epochs"]
+
+    def log_stats(self) -> dict[str, float]:
+        """Scalars describing the last decision, for logging (empty by default)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# ---------------------------------------------------------------------------------------------
+# Static
+# ---------------------------------------------------------------------------------------------
+class Static(Schedule):
+    """Closed-form schedule of DESIGN 1.3: ``t = floor(c1 * f(u))``.
+
+    ``u = clip((E - c2) / (E_max - c2), 0, 1)`` with ``E = stats.epoch`` and
+    ``E_max = total_epochs``; ``f(u) = u`` (linear), ``u**2`` (quadratic, the paper's preferred
+    trade-off) or ``(exp(k*u) - 1) / (exp(k) - 1)`` (exponential). Linear and quadratic are
+    computed in exact integer arithmetic, so hand-computed points hold with no rounding doubt.
+
+    Args:
+        kind: ``"linear"``, ``"quadratic"`` or ``"exponential"``.
+        c1: the most layers ever local. An int ``>= 1`` is a number of layers; a float in
+            ``(0, 1]`` is a fraction of ``num_layers`` (floored). Either way it is capped at
+            ``max_local``. Note ``c1=1`` is one layer while ``c1=1.0`` is all of them.
+        c2: the epoch at which local updates begin. An int ``>= 0`` is an epoch; a float in
+            ``[0, 1)`` is a fraction of ``total_epochs`` (floored). Must resolve below
+            ``total_epochs``.
+        total_epochs: ``E_max``. If ``None``, taken from :meth:`bind`; when both are given
+            the constructor's value wins (the user asked for it explicitly).
+        k: steepness of the exponential profile, > 0.
+
+    Example::
+
+        >>> s = Static("linear", c1=4, c2=2, total_epochs=10)
+        >>> s.bind(num_layers=6, max_local=5)
+        >>> [s.propose(EpochStats(e, 0, 6, 5, {})) for e in (2, 4, 6, 10)]
+        [0, 1, 2, 4]
+    """
+
+    def __init__(
+        self,
+        kind: str = "quadratic",
+        *,
+        c1: int | float = STATIC_DEFAULT_C1,
+        c2: int | float = STATIC_DEFAULT_C2,
+        total_epochs: int | None = None,
+        k: float = STATIC_DEFAULT_K,
+    ) -> None:
+        super().__init__()
+        if kind not in _STATIC_KINDS:
+            raise ValueError(f"kind must be one of {list(_STATIC_KINDS)}, got {kind!r}")
+        if _is_int(c1):
+            _check_int("c1", c1, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
+        else:
+            _check_real("c1", c1, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
+                        lambda v: 0.0 < v <= 1.0)
+        if _is_int(c2):
+            _check_int("c2", c2, 0, " (epoch) or a float in [0, 1) (fraction of total_epochs)")
+        else:
+            _check_real("c2", c2, "[0, 1) (fraction of total_epochs) or an int >= 0 (epoch)",
+                        lambda v: 0.0 <= v < 1.0)
+        if total_epochs is not None:
+            total_epochs = _check_int("total_epochs", total_epochs, 1)
+        self.kind = kind
+        self.c1: int | float = int(c1) if _is_int(c1) else float(c1)
+        self.c2: int | float = int(c2) if _is_int(c2) else float(c2)
+        self.k = _check_real("k", k, "(0, inf)", lambda v: v > 0.0)
+        self.total_epochs = total_epochs
+        if total_epochs is not None:
+            self._check_c2(total_epochs)
+        # Resolved by bind().
+        self.c1_layers: int | None = None
+        self.c2_epochs: int | None = None
+        self._last: dict[str, float] = {}
+
+    def _c2_epochs(self, total_epochs: int) -> int:
+        return self.c2 if isinstance(self.c2, int) else math.floor(self.c2 * total_epochs)
+
+    def _check_c2(self, total_epochs: int) -> None:
+        if self._c2_epochs(total_epochs) >= total_epochs:
+            raise ValueError(
+                f"c2 must be below total_epochs: c2 is the epoch at which local updates begin, "
+                f"in [0, total_epochs={total_epochs}), got c2={self.c2!r}"
+            )
+
+    def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
+        # The constructor's total_epochs wins over the wrapper's (explicit user choice).
+        super().bind(num_layers, max_local, self.total_epochs or total_epochs)
+
+    def _resolve(self) -> None:
+        if self.total_epochs is None:
+            raise ValueError(
+                "Static schedule needs the run length: pass total_epochs to Static(...) or to "
+                "compile_localsgd / bind (E_max in u = (E - c2) / (E_max - c2))"
+            )
+        self._check_c2(self.total_epochs)
+        assert self.num_layers is not None and self.max_local is not None
+        layers = self.c1 if isinstance(self.c1, int) else math.floor(self.c1 * self.num_layers)
+        self.c1_layers = min(layers, self.max_local)
+        self.c2_epochs = self._c2_epochs(self.total_epochs)
+
+    def propose(self, stats: EpochStats) -> int:
+        if not self.bound:  # propose() may be called directly; select() binds too.
+            self.bind(stats.num_layers, stats.max_local)
+        c1, c2, e_max = self.c1_layers, self.c2_epochs, self.total_epochs
+        assert c1 is not None and c2 is not None and e_max is not None
+        e = min(max(int(stats.epoch), c2), e_max)  # clip so that u is in [0, 1]
+        num, den = e - c2, e_max - c2
+        if self.kind == "linear":
+            t = (c1 * num) // den
+            f = num / den
+        elif self.kind == "quadratic":
+            t = (c1 * num * num) // (den * den)
+            f = (num / den) ** 2
+        else:
+            u = num / den
+            f = 1.0 if num == den else math.expm1(self.k * u) / math.expm1(self.k)
+            # The tiny guard keeps floor() from losing a whole layer to rounding at exact points.
+            t = min(c1, math.floor(c1 * f + 1e-9))
+        self._last = {"u": num / den, "f": float(f), "target": float(t)}
+        return int(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            kind=self.kind, c1=self.c1, c2=self.c2, k=self.k,
+            c1_layers=self.c1_layers, c2_epochs=self.c2_epochs, last=dict(self._last),
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kind, self.c1, self.c2, self.k = state["kind"], state["c1"], state["c2"], state["k"]
+        self.c1_layers, self.c2_epochs = state["c1_layers"], state["c2_epochs"]
+        self._last = dict(state.get("last", {}))
+
+    def log_stats(self) -> dict[str, float]:
+        """``{"u", "f", "target"}`` of the last proposal (empty before the first)."""
+        return dict(self._last)
+
+    def __repr__(self) -> str:
+        return (f"Static({self.kind!r}, c1={self.c1!r}, c2={self.c2!r}, "
+                f"total_epochs={self.total_epochs!r}, k={self.k!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic
+# ---------------------------------------------------------------------------------------------
+class Dynamic(Schedule):
+    """The paper's Algorithm 1: move the boundary when the transition layer stops learning.
+
+    At every epoch end, for every SGD layer ``l`` (index >= transition) with its update norm
+    ``delta_E[l]`` from ``stats.update_norms``:
+
+    1. ``W̄[l] <- beta * W̄[l] + (1 - beta) * delta_E[l]`` (line 1, evaluated first);
+    2. if ``delta_E[t] < alpha * W̄[t]`` for the transition layer ``t``, propose ``t + shift``
+       (line 2); else keep ``t`` (line 4).
+
+    ``W̄[l]`` is initialised with the first ``delta`` seen for layer ``l`` (not zero: a zero
+    start would bias the average low for ~1/(1-beta) = 10 epochs and delay the first move).
+    Because the average is kept for every SGD layer, the new transition layer after a move
+    already has a history. Layers that became LOCAL are no longer updated (their last entries
+    are kept, for inspection).
+
+    Args:
+        alpha: threshold ratio, in ``(0, 1)``.
+        shift: layers to move per decision: an int ``>= 1``, or a float in ``(0, 1]`` meaning
+            a fraction of ``num_layers`` (floored, at least 1 layer).
+        beta: decay of the running average, in ``[0, 1)``.
+        warmup_epochs: no move while ``stats.epoch <= warmup_epochs`` (history is still
+            recorded), an int ``>= 0``.
+
+    Example::
+
+        >>> s = Dynamic(alpha=0.5, shift=1, beta=0.5)
+        >>> s.select(EpochStats(1, 0, 4, 3, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}))
+        0
+        >>> s.select(EpochStats(2, 0, 4, 3, {0: 0.1, 1: 1.0, 2: 1.0, 3: 1.0}))  # 0.1 < 0.5*0.55
+        1
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = DYNAMIC_DEFAULT_ALPHA,
+        shift: int | float = DYNAMIC_DEFAULT_SHIFT,
+        beta: float = DYNAMIC_DEFAULT_BETA,
+        warmup_epochs: int = DYNAMIC_DEFAULT_WARMUP_EPOCHS,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_real("alpha", alpha, "(0, 1)", lambda v: 0.0 < v < 1.0)
+        if _is_int(shift):
+            _check_int("shift", shift, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
+            self.shift: int | float = int(shift)
+        else:
+            self.shift = _check_real(
+                "shift", shift, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
+                lambda v: 0.0 < v <= 1.0)
+        self.beta = _check_real("beta", beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
+        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
+        self.shift_layers: int | None = None
+        self.running_avg: dict[int, float] = {}
+        self.last_delta: dict[int, float] = {}
+        self._last: dict[str, float] = {}
+
+    def _resolve(self) -> None:
+        assert self.num_layers is not None
+        if isinstance(self.shift, int):
+            self.shift_layers = self.shift
+        else:
+            self.shift_layers = max(1, math.floor(self.shift * self.num_layers))
+
+    def propose(self, stats: EpochStats) -> int:
+        if not self.bound:
+            self.bind(stats.num_layers, stats.max_local)
+        t = int(stats.transition)
+        # Validate everything before touching the history, so a bad call leaves no trace.
+        norms: dict[int, float] = {}
+        for layer, delta in stats.update_norms.items():
+            if int(layer) < t:
+                continue  # LOCAL layers drop out of the history
+            if not _is_real(delta) or not math.isfinite(delta) or delta < 0:
+                raise ValueError(
+                    f"update norm of layer {layer} at epoch {stats.epoch} must be a finite "
+                    f"float >= 0, got {delta!r}"
+                )
+            norms[int(layer)] = float(delta)
+        decide = t < stats.max_local  # at max_local there is nothing left to move
+        if decide and t not in norms:
+            raise ValueError(
+                f"Dynamic schedule needs the update norm of the transition layer {t} at epoch "
+                f"{stats.epoch}; stats.update_norms has layers {sorted(stats.update_norms)}"
+            )
+        # Line 1 for every SGD layer first, so that a future transition layer has a history.
+        for layer, delta in sorted(norms.items()):
+            prev = self.running_avg.get(layer)
+            self.running_avg[layer] = (
+                delta if prev is None else self.beta * prev + (1.0 - self.beta) * delta
+            )
+            self.last_delta[layer] = delta
+        if not decide:
+            return t
+        delta, avg = self.last_delta[t], self.running_avg[t]
+        threshold = self.alpha * avg
+        move = stats.epoch > self.warmup_epochs and delta < threshold
+        self._last = {"delta": delta, "running_avg": avg, "threshold": threshold,
+                      "moved": float(move)}
+        assert self.shift_layers is not None
+        return t + self.shift_layers if move else t  # line 2 / line 4
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            alpha=self.alpha, shift=self.shift, beta=self.beta,
+            warmup_epochs=self.warmup_epochs, shift_layers=self.shift_layers,
+            # JSON object keys are strings; load_state_dict turns them back into ints.
+            running_avg={str(k): v for k, v in self.running_avg.items()},
+            last_delta={str(k): v for k, v in self.last_delta.items()},
+            last=dict(self._last),
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha, self.shift, self.beta = state["alpha"], state["shift"], state["beta"]
+        self.warmup_epochs, self.shift_layers = state["warmup_epochs"], state["shift_layers"]
+        self.running_avg = {int(k): float(v) for k, v in state["running_avg"].items()}
+        self.last_delta = {int(k): float(v) for k, v in state["last_delta"].items()}
+        self._last = dict(state.get("last", {}))
+
+    def log_stats(self) -> dict[str, float]:
+        """``{"delta", "running_avg", "threshold", "moved"}`` of the transition layer at the
+        last decision (empty before the first one; frozen once ``t`` reached ``max_local``)."""
+        return dict(self._last)
+
+    def __repr__(self) -> str:
+        return (f"Dynamic(alpha={self.alpha!r}, shift={self.shift!r}, beta={self.beta!r}, "
+                f"warmup_epochs={self.warmup_epochs!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom, baseline and manual
+# ---------------------------------------------------------------------------------------------
+class PolicySchedule(Schedule):
+    """Wraps a user policy ``policy(epoch: int, stats: EpochStats) -> int``.
+
+    The proposal is clipped by :meth:`Schedule.select` like any other. The state dict is empty:
+    a stateful policy must save and restore its own state.
+
+    Args:
+        policy: the callable; called with ``stats.epoch`` and the stats.
+
+    Example::
+
+        >>> s = PolicySchedule(lambda epoch, stats: epoch - 1)
+        >>> s.select(EpochStats(3, 0, 4, 3, {}))
+        2
+    """
+
+    def __init__(self, policy: Callable[[int, EpochStats], int]) -> None:
+        super().__init__()
+        if not callable(policy):
+            raise TypeError(f"policy must be callable as policy(epoch, stats), got {policy!r}")
+        self.policy = policy
+
+    def propose(self, stats: EpochStats) -> int:
+        t = self.policy(stats.epoch, stats)
+        if not _is_int(t):
+            name = getattr(self.policy, "__qualname__", repr(self.policy))
+            raise TypeError(
+                f"schedule policy {name} must return an int transition layer, got {t!r} "
+                f"({type(t).__name__}) at epoch {stats.epoch}"
+            )
+        return int(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"PolicySchedule({self.policy!r})"
+
+
+class PlainSGD(Schedule):
+    """Always proposes 0: plain SGD, the baseline (``t`` stays where it is, 0 unless set by hand).
+
+    Example::
+
+        >>> PlainSGD().select(EpochStats(5, 0, 4, 3, {}))
+        0
+    """
+
+    def propose(self, stats: EpochStats) -> int:
+        return 0
+
+
+class Manual(Schedule):
+    """Proposes the current ``t``: the user moves the transition by hand (``set_transition``).
+
+    Example::
+
+        >>> Manual().select(EpochStats(5, 2, 4, 3, {}))
+        2
+    """
+
+    def propose(self, stats: EpochStats) -> int:
+        return int(stats.transition)
+
+
+def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
+    """Build a schedule from a shorthand, a callable or an instance.
+
+    Shorthands (case-insensitive) and their defaults:
+
+    * ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)``
+      (``DYNAMIC_DEFAULT_*``).
+    * ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"`` ->
+      ``Static(kind, c1=0.75, c2=0.1, k=4.0)`` (``STATIC_DEFAULT_*``): at most 75 % of the
+      layers (capped at ``max_local``) become local, starting after 10 % of the epochs.
+      They need ``total_epochs`` (here, or later through ``bind``).
+    * ``"sgd"`` / ``"none"`` (or ``None``) -> :class:`PlainSGD`, always 0.
+    * ``"manual"`` -> :class:`Manual`, keeps the current ``t``.
+
+    Args:
+        spec: a :class:`Schedule` instance (returned as is), a :class:`Schedule` subclass
+            (instantiated with ``kwargs``), a callable ``policy(epoch, stats) -> int``
+            (wrapped in :class:`PolicySchedule`), a shorthand string, or ``None``.
+        **kwargs: constructor arguments for the shorthand's class.
+
+    Returns:
+        The schedule (not yet bound).
+
+    Raises:
+        ValueError: on an unknown shorthand, or kwargs that the spec cannot take.
+
+    Example::
+
+        >>> make_schedule("linear", c1=4, c2=0, total_epochs=8)
+        Static('linear', c1=4, c2=0, total_epochs=8, k=4.0)
+        >>> make_schedule("dynamic", alpha=0.2)
+        Dynamic(alpha=0.2, shift=0.1, beta=0.9, warmup_epochs=1)
+    """
+    if isinstance(spec, Schedule):
+        if kwargs:
+            raise ValueError(
+                f"schedule options {sorted(kwargs)} are only for a shorthand string; "
+                f"got a ready {type(spec).__name__} instance"
+            )
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Schedule):
+        return spec(**kwargs)
+    if spec is None:
+        spec = "none"
+    if isinstance(spec, str):
+        name = spec.strip().lower()
+        if name not in SCHEDULE_NAMES:
+            raise ValueError(
+                f"unknown schedule {spec!r}; valid shorthands are {list(SCHEDULE_NAMES)}, "
+                f"or pass a Schedule instance or a callable policy(epoch, stats) -> int"
+            )
+        if name in ("sgd", "none", "manual") and kwargs:
+            raise ValueError(f"schedule {spec!r} takes no options, got {sorted(kwargs)}")
+        if name == "dynamic":
+            return Dynamic(**kwargs)
+        if name in _STATIC_KINDS or name == "static":
+            return Static("quadratic" if name == "static" else name, **kwargs)
+        return Manual() if name == "manual" else PlainSGD()
+    if callable(spec):
+        if kwargs:
+            raise ValueError(f"schedule options {sorted(kwargs)} cannot be passed to a policy")
+        return PolicySchedule(spec)
+    raise TypeError(
+        f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
+        f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})"
+    )
