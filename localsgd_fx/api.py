@@ -1,0 +1,293 @@
+"""``compile_localsgd``: trace a model, order its layers, and run it with a local prefix.
+
+The returned :class:`LocalSGDModule` re-emits its graph whenever the transition ``t`` moves
+(rewritten and compiled graphs are cached by ``t``) and keeps the schedule and weak-supervision
+state in its ``state_dict`` so that training resumes exactly.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from passes.errors import LocalSGDError
+from passes.inspection import layer_table, speed_bound
+from passes.layers import LayerOrder, find_layers, propagate_shapes
+from passes.rewrite import LocalUpdateSpec, rewrite
+from passes.trace import trace
+
+from .ops import LOCAL_UPDATE
+from .rules import LocalRule, make_rule
+from .schedules import EpochStats, Schedule, make_schedule
+from .supervision import WeakSupervision
+
+DEFAULT_LOCAL_LR = 1e-3
+STATE_VERSION = 1
+_EVAL = 0   # eval mode runs the untouched traced graph, i.e. the t = 0 graph
+
+
+class LocalSGDModule(nn.Module):
+    """A model whose layers ``0..t-1`` learn with a local rule during the forward pass.
+
+    Build it with :func:`compile_localsgd`. Calling it in train mode runs the rewritten graph of
+    the current ``t`` (local layers update their weights as a side effect); in eval mode it runs the
+    original graph. Parameters are the model's own objects; the model is the child ``model``.
+    """
+
+    def __init__(self, model: nn.Module, traced: fx.GraphModule, order: LayerOrder, *, rule: LocalRule,
+                 schedule: Schedule, supervision: WeakSupervision, compile: bool | str, max_local: int,
+                 sample_fraction: float, check_finite: bool, total_epochs: int | None):
+        super().__init__()
+        self.model = model
+        self.supervision = supervision
+        self.rule, self.schedule = rule, schedule
+        self.compile_mode = compile
+        self.max_local, self.sample_fraction, self.check_finite = max_local, sample_fraction, check_finite
+        self.transition, self.epoch = 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.compile_count, self.compile_seconds = 0, 0.0
+        # plain attributes, not submodules: they share the model's modules, and are rebuilt on demand
+        self.__dict__["_traced"] = traced
+        self.__dict__["_order"] = order
+        self.__dict__["_graphs"] = {}       # t -> rewritten GraphModule
+        self.__dict__["_runners"] = {}      # t -> callable (the graph, or its torch.compile)
+        self.__dict__["_epoch_start"] = {}  # layer index -> weight at the start of the epoch
+        schedule.bind(len(order), max_local, total_epochs)
+        self._snapshot_sgd_weights()
+
+    # ----------------------------------------------------------------------------- running
+    def forward(self, *args, **kwargs):
+        if self._order.flop_shares() is None:
+            self._measure_flops(args, kwargs)
+        key = self.transition if self.training else _EVAL
+        runner = self._runners.get(key) or self._build_runner(key)
+        # the rewritten graph switches grad mode off for the prefix; restore it even if an update raises
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            return runner(*args, **kwargs)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Feed the step's training loss to weak supervision (sets the next step's local rate)."""
+        self.supervision.observe(loss)
+
+    def end_epoch(self) -> int:
+        """Run learning-mode selection at the end of an epoch; returns the (possibly new) ``t``."""
+        norms = {}
+        for layer in self._order.layers[self.transition:]:
+            start = self._epoch_start.get(layer.index)
+            weight = self._weight(layer.index)
+            norms[layer.index] = float((weight.detach() - start).norm()) if start is not None else 0.0
+        stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
+                           max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares())
+        new_t = int(self.schedule.select(stats))
+        self.epoch += 1
+        before = self.transition
+        if new_t != before:
+            self.set_transition(new_t)
+        self._snapshot_sgd_weights()
+        self.history.append({"epoch": self.epoch, "transition_before": before, "transition": self.transition,
+                             "update_norm": norms.get(before), **self.schedule.log_stats()})
+        return self.transition
+
+    def set_transition(self, t: int, *, force: bool = False) -> None:
+        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= len(self._order):
+            raise LocalSGDError(f"transition {t!r} is out of range: this model has {len(self._order)} layers, so t "
+                                f"must be an int in 0..{len(self._order)}")
+        if t < self.transition and not force:
+            raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
+                                "never back (DESIGN 1). Pass force=True to move backwards anyway.")
+        self.transition = t
+
+    # ------------------------------------------------------------------------- inspection
+    @property
+    def layers(self) -> list[tuple[str, float | None]]:
+        """``[(layer name, FLOP share), ...]`` in topological order."""
+        shares = self._order.flop_shares() or [None] * len(self._order)
+        return list(zip(self._order.names, shares))
+
+    @property
+    def layer_order(self) -> LayerOrder:
+        return self._order
+
+    @property
+    def local_fraction(self) -> float | None:
+        """``p``: FLOP fraction of the layers that are local now (None before shapes are known)."""
+        return self._order.local_fraction(self.transition)
+
+    @property
+    def speed_bound(self) -> float | None:
+        """DESIGN 1.4's step-speedup bound at the current ``t``."""
+        p = self.local_fraction
+        return None if p is None else speed_bound(p, self.rule.gemms, self.sample_fraction)
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten GraphModule of the current transition."""
+        return self.graph_for(self.transition)
+
+    def graph_for(self, t: int) -> fx.GraphModule:
+        """The rewritten GraphModule for transition ``t`` (cached)."""
+        if t not in self._graphs:
+            spec = LocalUpdateSpec(op=LOCAL_UPDATE, lr=self.supervision.lr, rule=self.rule.key,
+                                   sample_fraction=self.sample_fraction, check_finite=self.check_finite)
+            self._graphs[t] = self._traced if t == 0 else rewrite(self._traced, self._order, t, spec)
+        return self._graphs[t]
+
+    def stats(self) -> dict[str, Any]:
+        """Per-epoch figures for logging: t, local FLOP fraction, schedule statistics, local rate."""
+        return {"transition": self.transition, "local_fraction": self.local_fraction, "speed_bound": self.speed_bound,
+                "local_lr": float(self.supervision.lr), "compile_count": self.compile_count,
+                "compile_seconds": self.compile_seconds, **self.schedule.log_stats()}
+
+    def explain(self, *, print_fn: Callable[[str], None] | None = print) -> str:
+        """The per-layer map, the local FLOP fraction, the 3/(3-p) bound and compile figures."""
+        p, bound = self.local_fraction, self.speed_bound
+        text = "\n".join([
+            f"{type(self.model).__name__}: {len(self._order)} layers, transition t={self.transition}, "
+            f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
+            layer_table(self._order, self.transition),
+            f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
+            f"{'?' if bound is None else f'{bound:.3f}x'} (DESIGN 1.4)",
+            f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s, first calls included); "
+            f"compile={self.compile_mode!r}",
+        ])
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # ----------------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "layers": self._order.names, "transition": self.transition,
+                "epoch": self.epoch, "schedule": self.schedule.state_dict(), "history": list(self.history),
+                "epoch_start": {i: w.clone() for i, w in self._epoch_start.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise LocalSGDError(f"checkpoint LocalSGD state has version {getattr(state, 'get', lambda k: None)('version')!r}, "
+                                f"this library reads version {STATE_VERSION}; it was written by another release.")
+        if list(state["layers"]) != self._order.names:
+            raise LocalSGDError("checkpoint was written for a model with other layers "
+                                f"({len(state['layers'])} layers, first {state['layers'][:3]}) than this one "
+                                f"({len(self._order)} layers, first {self._order.names[:3]}); build the same model.")
+        self.set_transition(int(state["transition"]), force=True)
+        self.epoch = int(state["epoch"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = list(state["history"])
+        device = self.supervision.lr.device
+        self._epoch_start.clear()
+        self._epoch_start.update({int(i): w.to(device) for i, w in state["epoch_start"].items()})
+
+    # ----------------------------------------------------------------------- internals
+    def _weight(self, index: int) -> torch.Tensor:
+        return self._traced.get_submodule(self._order.layers[index].name).weight
+
+    def _snapshot_sgd_weights(self) -> None:
+        self._epoch_start.clear()
+        for layer in self._order.layers[self.transition:]:
+            self._epoch_start[layer.index] = self._weight(layer.index).detach().clone()
+
+    def _measure_flops(self, args, kwargs) -> None:
+        if kwargs:
+            raise LocalSGDError("FLOP counting needs positional inputs; pass example_inputs=(...) to compile_localsgd")
+        propagate_shapes(self._traced, args)
+        self.__dict__["_order"] = find_layers(self._traced, args)
+
+    def _should_compile(self) -> bool:
+        if self.compile_mode == "auto":
+            return next(self.model.parameters()).is_cuda
+        return bool(self.compile_mode)
+
+    def _build_runner(self, key: int) -> Callable:
+        graph = self.graph_for(key)
+        if not self._should_compile():
+            self._runners[key] = graph
+            return graph
+        compiled = torch.compile(graph)
+
+        def first_call(*args, **kwargs):     # torch.compile is lazy: time the first call
+            start = time.perf_counter()
+            out = compiled(*args, **kwargs)
+            self.compile_seconds += time.perf_counter() - start
+            self._runners[key] = compiled
+            return out
+
+        self.compile_count += 1
+        self._runners[key] = first_call
+        return first_call
+
+    def _apply(self, fn, recurse=True):
+        # moving/casting replaces buffers (the local rate among them): emitted graphs hold stale references
+        result = super()._apply(fn, recurse)
+        self._graphs.clear()
+        self._runners.clear()
+        return result
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_graphs"], state["_runners"] = {}, {}   # compiled callables do not copy or pickle
+        return state
+
+
+def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", schedule: str | Schedule | Callable = "dynamic",
+                     local_lr: float = DEFAULT_LOCAL_LR, weak_supervision: str = "sign",
+                     example_inputs: tuple | None = None, compile: bool | str = "auto", max_local: int | None = None,
+                     leaf_modules: Iterable[str | type] = (), inplace: bool = False, total_epochs: int | None = None,
+                     sample_fraction: float = 1.0, check_finite: bool = True) -> LocalSGDModule:
+    """Turn ``model`` into a LoCal+SGD module.
+
+    Args:
+        model: any ``torch.fx``-traceable module with ``nn.Conv{1,2,3}d`` / ``nn.Linear`` layers.
+        rule: ``"hebbian"`` (default), ``"oja"``, ``"softhebb"``, ``"freeze"``, or a
+            :class:`~localsgd_fx.rules.LocalRule` instance.
+        schedule: ``"dynamic"`` (default), ``"quadratic"``/``"static"``, ``"linear"``, ``"exponential"``,
+            ``"manual"`` (you call ``set_transition``), ``"sgd"``, a :class:`~localsgd_fx.schedules.Schedule`,
+            or a callable ``policy(epoch, stats) -> t``.
+        local_lr: ``η0`` of the local rule.
+        weak_supervision: ``"sign"`` (default), ``"scale"`` or ``"off"``.
+        example_inputs: a tuple of inputs used once for FLOP counts; without it they are taken
+            from the first call.
+        compile: ``"auto"`` (``torch.compile`` on CUDA only), ``True`` or ``False``.
+        max_local: the most layers ever local (default: all but the last, the classifier).
+        leaf_modules: submodule names or classes to keep opaque (untraceable parts; their layers stay SGD).
+        inplace: also make ``model(...)`` itself run the LoCal+SGD forward.
+        total_epochs: the run length, needed by static schedules.
+        sample_fraction: compute each local update from this fraction of the batch.
+        check_finite: refuse non-finite local updates with a :class:`LocalSGDError` (one host
+            sync per local layer per step on CUDA).
+
+    Returns:
+        A :class:`LocalSGDModule` sharing ``model``'s parameters.
+
+    Example::
+
+        >>> model = compile_localsgd(models_zoo.get_model("resnet20"), schedule="dynamic")
+        >>> loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); model.observe_loss(loss)
+        >>> model.end_epoch()   # once per epoch
+    """
+    if compile not in ("auto", True, False):
+        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+    if not isinstance(sample_fraction, (int, float)) or not 0.0 < sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction!r}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of inputs, e.g. (x,), got {type(example_inputs).__name__}")
+    local_rule = make_rule(rule)
+    sched = make_schedule(schedule)
+    supervision = WeakSupervision(weak_supervision, base_lr=local_lr)
+    traced = trace(model, leaf_modules=leaf_modules)
+    order = find_layers(traced, example_inputs)
+    n = len(order)
+    max_local = n - 1 if max_local is None else max_local
+    if not isinstance(max_local, int) or not 0 <= max_local <= n:
+        raise ValueError(f"max_local must be an int in 0..{n} (this model has {n} layers), got {max_local!r}")
+    module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
+                            compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
+                            check_finite=check_finite, total_epochs=total_epochs)
+    device = next(model.parameters(), torch.empty(0)).device
+    module.supervision.to(device)
+    if inplace:
+        model.forward = module.forward
+    return module

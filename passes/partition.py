@@ -1,0 +1,72 @@
+"""Prefix partition: which nodes run locally (under ``no_grad``) for a transition ``t``.
+
+A compute node is in the prefix iff every input is in the prefix or is a source (placeholder,
+get_attr), it is not a call of an SGD layer, and it is a local layer call or depends on one.
+The last clause refines DESIGN 1's rule so that ``t = 0`` leaves the graph untouched: parameterised
+work that only depends on the inputs (an input BatchNorm, say) keeps training by SGD until a local
+layer sits before it. The prefix is ancestor-closed over compute nodes, so it can run first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .errors import LocalSGDError
+from .layers import LayerOrder
+
+SOURCE_OPS = ("placeholder", "get_attr")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The two regions of a graph at transition ``transition``."""
+
+    transition: int
+    local_layers: tuple[str, ...]      # module names of layers 0..t-1
+    prefix: frozenset[str]             # names of compute nodes that run under no_grad
+    crossing: tuple[str, ...]          # prefix nodes used outside the prefix (detached there)
+    outside_local_sites: tuple[str, ...]  # calls of a LOCAL layer outside the prefix (shared modules)
+
+    def in_prefix(self, node: fx.Node) -> bool:
+        return node.name in self.prefix
+
+
+def check_transition(order: LayerOrder, transition: int) -> None:
+    if not isinstance(transition, int) or not 0 <= transition <= len(order):
+        raise LocalSGDError(
+            f"transition {transition!r} is out of range: this model has {len(order)} layers, so t must be an "
+            f"int in 0..{len(order)} (t=0: plain SGD, t={len(order)}: every layer local)."
+        )
+
+
+def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partition:
+    """Split ``gm`` into the local prefix and the SGD region for layers ``0..transition-1`` local.
+
+    Args:
+        gm: the traced module ``order`` was computed on.
+        order: its :class:`~passes.layers.LayerOrder`.
+        transition: ``t``, the first SGD layer.
+
+    Returns:
+        A :class:`Partition`.
+    """
+    check_transition(order, transition)
+    local = {layer.name for layer in order.layers[:transition]}
+    layer_of_site = order.site_to_layer()
+    prefix: set[fx.Node] = set()
+    outside_local: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op in SOURCE_OPS or node.op == "output":
+            continue
+        layer = layer_of_site.get(node.name)
+        inputs_ok = all(i in prefix or i.op in SOURCE_OPS for i in node.all_input_nodes)
+        if layer is not None and layer.name not in local:
+            continue                                   # an SGD layer
+        if inputs_ok and (layer is not None or any(i in prefix for i in node.all_input_nodes)):
+            prefix.add(node)
+        elif layer is not None:
+            outside_local.append(node.name)
+    crossing = tuple(n.name for n in gm.graph.nodes if n in prefix and any(u not in prefix for u in n.users))
+    return Partition(transition=transition, local_layers=tuple(order.names[:transition]), prefix=frozenset(n.name for n in prefix),
+                     crossing=crossing, outside_local_sites=tuple(outside_local))

@@ -1,0 +1,170 @@
+"""The local-update rewrite: emit a new GraphModule for transition ``t``.
+
+In the emitted graph the prefix (see :mod:`passes.partition`) runs first with grad disabled, each
+call of a LOCAL layer becomes one fused local-update node (forward with the current weight, then the
+rule's in-place update), and the prefix tensors used by the SGD region are detached. Nothing of the
+prefix is recorded by autograd, so nothing of it is saved for backward and back-propagation stops
+at the junction. ``t = 0`` gives a copy of the original graph.
+
+The fused op is passed in (:class:`LocalUpdateSpec`), so this pass stays free of training state;
+``localsgd_fx.ops.local_update`` is the one the library uses. It must declare that it mutates its
+weight argument, which keeps the node alive through dead-code elimination and ``torch.compile``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .errors import LocalSGDError
+from .layers import LayerOrder
+from .partition import SOURCE_OPS, Partition, partition
+
+PARTITION_META = "localsgd_partition"
+
+
+@dataclass(frozen=True)
+class LocalUpdateSpec:
+    """What a fused local-update node calls.
+
+    ``op(x, weight, bias, lr, rule, stride, padding, dilation, groups, sample_fraction, check_finite, layer)``
+    returns the layer output computed with the weight as it was, and updates ``weight`` in place.
+    ``lr`` is read from the attribute ``lr_attr`` of the emitted module (a 0-dim tensor, so a changing
+    learning rate never changes the graph).
+    """
+
+    op: Callable
+    lr: torch.Tensor
+    rule: str
+    sample_fraction: float = 1.0
+    check_finite: bool = True
+    lr_attr: str = "localsgd_lr"
+
+
+def detach_crossing(value):
+    """Detach the tensors of a value that crosses from the prefix into the SGD region."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
+torch.fx.wrap("detach_crossing")
+
+_FUNCTIONAL = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
+
+
+def _geometry(module: nn.Module) -> tuple[tuple | None, list[int], list[int], list[int], int]:
+    """(explicit pad for F.pad or None, stride, padding, dilation, groups) of a layer.
+
+    Non-zero padding modes and asymmetric ``padding="same"`` become an explicit ``F.pad`` so the
+    fused op only ever sees symmetric zero padding (which its update GEMM needs).
+    """
+    if isinstance(module, nn.Linear):
+        return None, [], [], [], 1
+    dims = len(module.kernel_size)
+    stride, dilation = list(module.stride), list(module.dilation)
+    if module.padding_mode != "zeros":
+        return (tuple(module._reversed_padding_repeated_twice), module.padding_mode), stride, [0] * dims, dilation, module.groups
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return None, stride, [0] * dims, dilation, module.groups
+        totals = [d * (k - 1) for d, k in zip(dilation, module.kernel_size)]
+        if all(t % 2 == 0 for t in totals):
+            return None, stride, [t // 2 for t in totals], dilation, module.groups
+        return (tuple(module._reversed_padding_repeated_twice), "constant"), stride, [0] * dims, dilation, module.groups
+    return None, stride, list(module.padding), dilation, module.groups
+
+
+def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalUpdateSpec) -> fx.GraphModule:
+    """Emit the LoCal+SGD graph of ``gm`` for layers ``0..transition-1`` local.
+
+    Args:
+        gm: the traced model.
+        order: its :class:`~passes.layers.LayerOrder`.
+        transition: ``t``; ``0`` returns an equivalent copy.
+        spec: the fused op and its constant arguments.
+
+    Returns:
+        A new ``GraphModule`` sharing ``gm``'s submodules and parameters; its partition is in
+        ``.meta["localsgd_partition"]``.
+
+    Example::
+
+        >>> new = rewrite(gm, find_layers(gm), 2, LocalUpdateSpec(op=local_update, lr=torch.tensor(0.01), rule="hebbian"))
+        >>> print(new.code)   # conv calls of layers 0, 1 are now local_update nodes
+    """
+    part = partition(gm, order, transition)
+    layer_of_site = order.site_to_layer()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, object] = {}
+    lr_node: list[fx.Node] = []   # one get_attr of the rate, made at the first local call
+
+    def get_attr(target: str, value=None) -> fx.Node:
+        attrs[target] = _fetch(gm, target) if value is None else value
+        return graph.get_attr(target)
+
+    def emit_layer_call(node: fx.Node, local: bool) -> fx.Node:
+        layer = layer_of_site[node.name]
+        module = gm.get_submodule(layer.name)
+        if len(node.args) != 1 or node.kwargs:
+            raise LocalSGDError(f"layer call with unexpected arguments: {node.format_node()}")
+        x = env[node.args[0]]
+        pad, stride, padding, dilation, groups = _geometry(module)
+        if pad is not None:
+            x = graph.call_function(F.pad, (x, pad[0]), {"mode": pad[1]})
+        weight = get_attr(f"{layer.name}.weight")
+        bias = get_attr(f"{layer.name}.bias") if module.bias is not None else None
+        if local:
+            if not lr_node:
+                lr_node.append(get_attr(spec.lr_attr, spec.lr))
+            args = (x, weight, bias, lr_node[0], spec.rule, stride, padding, dilation, groups,
+                    spec.sample_fraction, spec.check_finite, layer.name)
+            return graph.create_node("call_function", spec.op, args, name=node.name)
+        # a LOCAL (shared) layer called outside the prefix: the weight is a constant there
+        weight = graph.call_method("detach", (weight,))
+        bias = graph.call_method("detach", (bias,)) if bias is not None else None
+        conv_args = () if layer.kind == "linear" else (stride, padding, dilation, groups)
+        return graph.create_node("call_function", _FUNCTIONAL[layer.kind], (x, weight, bias, *conv_args), name=node.name)
+
+    def copy(node: fx.Node, lookup) -> fx.Node:
+        if node.op in ("call_module", "get_attr"):
+            attrs[node.target] = gm.get_submodule(node.target) if node.op == "call_module" else _fetch(gm, node.target)
+        return graph.node_copy(node, lookup)
+
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.op in SOURCE_OPS:
+            env[node] = copy(node, env.__getitem__)
+
+    if part.prefix:
+        grad_was_enabled = graph.call_function(torch.is_grad_enabled, ())
+        graph.call_function(torch._C._set_grad_enabled, (False,))
+        for node in nodes:
+            if node.name in part.prefix:
+                env[node] = emit_layer_call(node, True) if node.name in layer_of_site else copy(node, env.__getitem__)
+        graph.call_function(torch._C._set_grad_enabled, (grad_was_enabled,))
+        for node in nodes:
+            if node.name in part.crossing:
+                env[node] = graph.create_node("call_function", detach_crossing, (env[node],), name=f"{node.name}_detached")
+
+    outside_local = set(part.outside_local_sites)
+    for node in nodes:
+        if node.op in SOURCE_OPS or node.name in part.prefix:
+            continue
+        env[node] = emit_layer_call(node, False) if node.name in outside_local else copy(node, env.__getitem__)
+
+    new = fx.GraphModule(attrs, graph, class_name=f"{type(gm).__name__}_t{transition}")
+    new.meta[PARTITION_META] = part
+    graph.lint()
+    return new
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for item in target.split("."):
+        obj = getattr(obj, item)
+    return obj
