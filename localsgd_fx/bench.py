@@ -1,0 +1,181 @@
+"""``localsgd bench step``: per-step time and activation memory of LoCal+SGD vs plain SGD.
+
+What it measures: one full training step (forward, cross-entropy, backward, SGD-with-momentum
+step, ``observe_loss``) of a zoo model on random data, for several transitions ``t`` and for plain
+SGD (``t = 0``), on this machine's device. All arms share one model and are timed interleaved
+(SGD, t1, t2, ..., SGD, t1, ...) so a busy neighbour slows every arm alike; medians are reported.
+Printed per ``t``: the local FLOP fraction ``p``, the measured step-time ratio to plain SGD, the
+GEMM-model bound on that ratio (``(3-p)/3`` for 1-GEMM rules, ``(3-2p)/3`` for ``freeze``;
+DESIGN 1.4), their quotient (1.00 = at the bound), and the activation memory saved for backward
+(CPU; on CUDA also the peak allocated memory).
+
+Run: ``python -m localsgd_fx.bench step --model resnet20`` (or ``localsgd bench step``).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")   # before torch starts OpenMP: see README "Timing"
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ---- defaults, in one place
+MODEL, BATCH, IN_CHANNELS, IMAGE_SIZE, REPEATS, WARMUP = "resnet20", 128, 1, 28, 7, 2
+
+
+@dataclass
+class StepRow:
+    transition: int
+    local_fraction: float
+    step_ms: float
+    ratio: float          # step time / plain-SGD step time
+    bound: float          # the GEMM model's ratio
+    quotient: float       # ratio / bound
+    saved_mb: float       # activation bytes saved for backward
+    peak_mb: float | None  # CUDA peak allocated memory
+
+
+def saved_activation_bytes(step) -> int:
+    """Bytes of distinct storages that autograd saves for backward during ``step()``'s forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def default_transitions(n_layers: int, max_local: int) -> list[int]:
+    picks = {max(1, round(i * max_local / 5)) for i in range(1, 6)} | {max_local}
+    return sorted(t for t in picks if 0 < t <= max_local)
+
+
+def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = None, rule: str = "hebbian",
+                  batch: int = BATCH, in_channels: int = IN_CHANNELS, image_size: int = IMAGE_SIZE,
+                  repeats: int = REPEATS, warmup: int = WARMUP, sample_fraction: float = 1.0,
+                  device: str = "cpu", compile: bool | str = False, seed: int = 0) -> list[StepRow]:
+    """Measure step time and memory of plain SGD and of LoCal+SGD at each ``t`` (interleaved)."""
+    import models_zoo
+    from localsgd_fx import compile_localsgd
+    from passes.inspection import speed_bound
+
+    torch.manual_seed(seed)
+    net = models_zoo.get_model(model_name, num_classes=10, in_channels=in_channels).to(device)
+    x = torch.randn(batch, in_channels, image_size, image_size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    model = compile_localsgd(net, rule=rule, schedule="manual", example_inputs=(x[:2],), compile=compile,
+                             sample_fraction=sample_fraction)
+    n = len(model.layer_order)
+    transitions = transitions or default_transitions(n, model.max_local)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    arms = [0, *transitions]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        model.observe_loss(loss.detach())
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    times: dict[int, list[float]] = {t: [] for t in arms}
+    saved: dict[int, int] = {}
+    peak: dict[int, float | None] = {}
+    for t in arms:   # warm-up, compilation and memory, one arm at a time
+        model.set_transition(t, force=True)
+        for _ in range(warmup):
+            step()
+        saved[t] = saved_activation_bytes(step)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
+            peak[t] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak[t] = None
+    for _ in range(repeats):
+        for t in arms:
+            model.set_transition(t, force=True)
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[t].append(time.perf_counter() - start)
+    base = statistics.median(times[0])
+    gemms = model.rule.gemms
+    rows = []
+    for t in arms:
+        p = model.layer_order.local_fraction(t) or 0.0
+        med = statistics.median(times[t])
+        bound = 1.0 / speed_bound(p, gemms, sample_fraction)
+        rows.append(StepRow(t, p, 1e3 * med, med / base, bound, med / base / bound, saved[t] / 2**20, peak[t]))
+    return rows
+
+
+def format_rows(rows: list[StepRow], header: str) -> str:
+    lines = [header, f"{'t':>3} {'p':>6} {'step ms':>8} {'ratio':>6} {'bound':>6} {'ratio/bound':>11} "
+                     f"{'saved MB':>9} {'vs SGD':>7}" + (" peak MB" if rows[0].peak_mb is not None else "")]
+    base_saved = rows[0].saved_mb or 1.0
+    for r in rows:
+        lines.append(f"{r.transition:>3} {r.local_fraction:>6.3f} {r.step_ms:>8.1f} {r.ratio:>6.3f} {r.bound:>6.3f} "
+                     f"{r.quotient:>11.3f} {r.saved_mb:>9.1f} {r.saved_mb / base_saved:>7.2f}"
+                     + (f" {r.peak_mb:>7.1f}" if r.peak_mb is not None else ""))
+    return "\n".join(lines)
+
+
+def machine_line(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def main_step(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--rule", default="hebbian")
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--in-channels", type=int, default=IN_CHANNELS)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    parser.add_argument("--transitions", type=int, nargs="*", help="values of t (default: 5 spread up to max_local)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
+    parser.add_argument("--sample-fraction", type=float, default=1.0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    compile = {"auto": "auto", "on": True, "off": False}[args.compile]
+    rows = measure_steps(args.model, transitions=args.transitions, rule=args.rule, batch=args.batch_size,
+                         in_channels=args.in_channels, image_size=args.image_size, repeats=args.repeats,
+                         warmup=args.warmup, sample_fraction=args.sample_fraction, device=device, compile=compile)
+    header = (f"bench step: {args.model}, rule={args.rule}, batch {args.batch_size}x{args.in_channels}x"
+              f"{args.image_size}x{args.image_size}, sample_fraction={args.sample_fraction}, {device}: "
+              f"{machine_line(device)}; medians of {args.repeats} interleaved steps")
+    print(format_rows(rows, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main_step(sys.argv[2:] if sys.argv[1:2] == ["step"] else sys.argv[1:]))
