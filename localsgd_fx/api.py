@@ -64,7 +64,9 @@ class LocalSGDModule(nn.Module):
         if self._order.flop_shares() is None:
             self._measure_flops(args, kwargs)
         key = self.transition if self.training else _EVAL
-        runner = self._runners.get(key) or self._build_runner(key)
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._build_runner(key)
         # the rewritten graph switches grad mode off for the prefix; restore it even if an update raises
         with torch.set_grad_enabled(torch.is_grad_enabled()):
             return runner(*args, **kwargs)
