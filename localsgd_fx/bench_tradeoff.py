@@ -1,0 +1,169 @@
+"""``localsgd bench tradeoff``: the time/accuracy trade-off of LoCal+SGD against its baselines.
+
+What it measures: four arms trained side by side on the same data, seeds, epochs and SGD
+hyperparameters - plain SGD, LoCal+SGD with the static quadratic schedule, LoCal+SGD with the
+dynamic schedule (Algorithm 1), and the freeze rule driven by the dynamic schedule. The arms are
+interleaved epoch by epoch (SGD, static, dynamic, freeze, SGD, ...; each keeps its own model,
+optimizer, RNG stream and schedule state) so a busy neighbour on a shared machine slows every arm
+alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,
+the GEMM model's bound on that speedup for the transitions actually taken (DESIGN 1.4), the final
+test accuracy and its difference to SGD in percentage points, the peak activation memory saved
+for backward in a step (CPU; CUDA: peak allocated), and the fraction of layer-FLOP-epochs that
+were local. With several ``--seeds`` the figures are mean ± standard deviation over seeds.
+Writes ``tradeoff.json`` and ``tradeoff.png`` (test accuracy vs training wall-clock per arm).
+
+Default: ResNet-20 on Fashion-MNIST, 15,000 train / 5,000 test images, 8 epochs, batch 128, one
+seed (32 arm-epochs of 118 steps): about 17 minutes on 2 idle CPU cores (a plain-SGD step takes
+~0.27 s there), about 35 when the cores are shared - inside 60 either way; every extra seed adds
+as much again. ``--quick``: SmallCNN, 512 / 256 images, 3 epochs, batch 64 - a smoke test of a
+few seconds.
+
+Run: ``localsgd bench tradeoff [--seeds 0 1] [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import format_table
+from .train import Trainer, TrainConfig, load_data
+
+# ---- defaults, in one place: (model, train subset, test subset, epochs, batch size)
+DEFAULT = dict(model="resnet20", train_subset=15000, test_subset=5000, epochs=8, batch_size=128)
+QUICK = dict(model="smallcnn", train_subset=512, test_subset=256, epochs=3, batch_size=64)
+#: The arms: name -> (rule, schedule). The first one is the reference.
+ARMS: dict[str, tuple[str, str]] = {
+    "SGD": ("hebbian", "sgd"),
+    "LoCal static quadratic": ("hebbian", "quadratic"),
+    "LoCal dynamic": ("hebbian", "dynamic"),
+    "freeze dynamic": ("freeze", "dynamic"),
+}
+
+__all__ = ["run_tradeoff", "summarise", "main", "ARMS", "DEFAULT", "QUICK"]
+
+
+def run_tradeoff(base: TrainConfig, seeds: list[int], *, log=print) -> dict[str, list[list[dict[str, Any]]]]:
+    """Train every arm for every seed, interleaved epoch by epoch.
+
+    Returns:
+        ``{arm name: [per-epoch records of seed 0, of seed 1, ...]}``.
+    """
+    data = load_data(base)
+    runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in ARMS}
+    for seed in seeds:
+        trainers = {name: Trainer(replace(base, rule=rule, schedule=schedule, seed=seed), data=data, log=None)
+                    for name, (rule, schedule) in ARMS.items()}
+        for epoch in range(base.epochs):
+            for name, trainer in trainers.items():
+                r = trainer.train_epoch()
+                log(f"seed {seed} epoch {epoch + 1}/{base.epochs} {name:<24} t={r['t']:<2} "
+                    f"test {100 * r['test_acc']:.2f}%  {r['train_time_s']:.1f}s")
+        for name, trainer in trainers.items():
+            runs[name].append(trainer.metrics)
+    return runs
+
+
+def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per arm: mean and spread over seeds of time, speedup, bound, accuracy, Δ accuracy, memory, local FLOPs."""
+    ref = next(iter(runs))
+    out: dict[str, dict[str, Any]] = {}
+    for name, seeds in runs.items():
+        per_seed = []
+        for i, recs in enumerate(seeds):
+            ref_recs = runs[ref][i]
+            time_s = sum(r["train_time_s"] for r in recs)
+            mem = [r["cuda_peak_mb"] if r["cuda_peak_mb"] is not None else r["saved_activation_mb"] for r in recs]
+            per_seed.append({
+                "train_time_s": time_s,
+                "speedup": sum(r["train_time_s"] for r in ref_recs) / time_s,
+                # the GEMM model's speedup over the run: epochs / sum of per-epoch step-time ratios
+                "bound": len(recs) / sum(1.0 / (r["speed_bound"] or 1.0) for r in recs),
+                "test_acc": 100 * recs[-1]["test_acc"],
+                "delta_acc_pp": 100 * (recs[-1]["test_acc"] - ref_recs[-1]["test_acc"]),
+                "peak_memory_mb": max((m for m in mem if m is not None), default=float("nan")),
+                "local_flop_epochs": sum(r["local_fraction"] or 0.0 for r in recs) / len(recs),
+                "final_t": recs[-1]["t"],
+            })
+        out[name] = {"per_seed": per_seed,
+                     **{k: _mean_std([s[k] for s in per_seed]) for k in per_seed[0]}}
+    return out
+
+
+def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str) -> str:
+    def cell(stat: tuple[float, float], spec: str) -> str:
+        mean, std = stat
+        return spec.format(mean) + ("" if std != std else " ± " + spec.format(std))
+
+    rows = [(name, cell(s["train_time_s"], "{:.1f}"), cell(s["speedup"], "{:.2f}") + "x", cell(s["bound"], "{:.2f}") + "x",
+             cell(s["test_acc"], "{:.2f}"), cell(s["delta_acc_pp"], "{:+.2f}"), cell(s["peak_memory_mb"], "{:.1f}"),
+             cell(s["local_flop_epochs"], "{:.3f}"), cell(s["final_t"], "{:.0f}"))
+            for name, s in summary.items()]
+    return format_table(rows, ("arm", "train time (s)", "speedup", "GEMM bound", "test acc (%)", "Δ acc (pp)",
+                               memory_kind, "local FLOP-epochs", "final t"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``localsgd bench tradeoff`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="localsgd bench tradeoff", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke test: " + _describe(QUICK))
+    parser.add_argument("--model", help=f"zoo model (default {DEFAULT['model']}; --quick: {QUICK['model']})")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--train-subset", type=int, help="0 = the whole split")
+    parser.add_argument("--test-subset", type=int, help="0 = the whole split")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--out", default="runs/tradeoff", help="folder for tradeoff.json / tradeoff.png (default %(default)s)")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULT
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
+    for key in ("train_subset", "test_subset"):
+        chosen[key] = chosen[key] or None
+    base = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, device=args.device, compile=args.compile,
+                       out=None, progress=False, **chosen)
+    base.validate()
+    print(f"bench tradeoff: {base.model} on {base.dataset}, {_describe(chosen)}, seeds {args.seeds}, arms interleaved "
+          f"epoch by epoch; {_machine(base)}")
+    start = time.perf_counter()
+    runs = run_tradeoff(base, args.seeds)
+    summary = summarise(runs)
+    memory_kind = "CUDA peak MB" if base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available()) \
+        else "saved activ. MB"
+    print(format_summary(summary, memory_kind))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "tradeoff.json"
+    json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": ARMS, "machine": _machine(base),
+                                     "wall_time_s": time.perf_counter() - start, "summary": summary, "runs": runs},
+                                    indent=1, default=str))
+    from .plots import plot_accuracy_vs_time
+
+    lines = {(name if len(args.seeds) == 1 else f"{name} (seed {s})"): recs
+             for name, per_seed in runs.items() for s, recs in zip(args.seeds, per_seed)}
+    png = plot_accuracy_vs_time(lines, out / "tradeoff.png", title=f"{base.model} {base.dataset}: test accuracy vs time")
+    print(f"wrote {json_path} and {png} ({time.perf_counter() - start:.0f} s in all)")
+    return 0
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def _describe(p: dict[str, Any]) -> str:
+    return (f"{p['model']}, {p['train_subset'] or 'all'} train / {p['test_subset'] or 'all'} test images, "
+            f"{p['epochs']} epochs, batch {p['batch_size']}")
+
+
+def _machine(cfg: TrainConfig) -> str:
+    return f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, device {cfg.device}"

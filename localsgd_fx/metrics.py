@@ -1,0 +1,148 @@
+"""Per-epoch metrics: the column list, JSON-lines/CSV files, a saved-activation meter, text tables.
+
+Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
+
+========================  ====================================================================
+``epoch``                 1-based epoch number
+``t``                     transition layer used during the epoch (layers ``< t`` were LOCAL)
+``t_next``                transition chosen at the end of the epoch (learning-mode selection)
+``local_fraction``        ``p``: FLOP fraction of the layers that were LOCAL during the epoch
+``speed_bound``           DESIGN 1.4's step-speedup bound ``3/(3-p)`` (rule dependent) at ``t``
+``train_loss/acc``        mean cross-entropy / accuracy over the epoch's training batches
+``test_loss/acc``         on the (sub)set of the test split, ``model.eval()`` + ``no_grad``
+``epoch_time_s``          wall time of the epoch: training + evaluation
+``train_time_s``          wall time of the training loop alone (batches included)
+``elapsed_train_s``       cumulative ``train_time_s`` (the x axis of accuracy-vs-time plots)
+``mean_step_ms``          mean of forward+loss+backward+optimizer step, per batch
+``saved_activation_mb``   bytes saved for backward in one training step (2nd batch of the
+                          epoch), counted with ``torch.autograd.graph.saved_tensors_hooks``
+                          (each storage once; the local prefix saves nothing). Empty when the
+                          step is ``torch.compile``'d (hooks do not see inside compiled graphs)
+``cuda_peak_mb``          ``torch.cuda.max_memory_allocated`` over the epoch; empty on CPU
+``compile_s``             seconds spent compiling graphs during the epoch (``torch.compile``)
+``lr``                    optimizer learning rate at the end of the epoch
+``local_lr``              current (signed) local learning rate of weak supervision
+``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
+                          transition layer, ``running_avg`` = W̄, ``threshold``, ``moved``;
+                          static: ``u``, ``f``, ``target``)
+========================  ====================================================================
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
+COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
+           "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
+           "compile_s", "lr", "local_lr")
+#: Columns that measure time (they differ between otherwise identical runs).
+TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
+
+__all__ = ["COLUMNS", "TIME_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table",
+           "atomic_write_text"]
+
+
+def columns_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The fixed :data:`COLUMNS`, then every other key seen in ``records`` (first-seen order)."""
+    cols = list(COLUMNS)
+    for rec in records:
+        cols += [k for k in rec if k not in cols]
+    return cols
+
+
+def write_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(Re)write ``metrics.jsonl`` and ``metrics.csv`` in ``out_dir`` from all records so far.
+
+    Both files are rewritten atomically every epoch, so after a resume they hold exactly the
+    epochs of the checkpoint plus the new ones.
+
+    Returns:
+        ``(jsonl path, csv path)``.
+    """
+    out = Path(out_dir)
+    lines = "".join(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n" for rec in records)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns_of(records), restval="", lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow({k: "" if v is None else v for k, v in rec.items()})
+    return atomic_write_text(out / "metrics.jsonl", lines), atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class SavedActivationMeter:
+    """Counts the bytes autograd saves for backward while active (each storage once).
+
+    Example::
+
+        >>> meter = SavedActivationMeter()
+        >>> with meter:
+        ...     y = (torch.ones(4, requires_grad=True) * 2).exp()
+        >>> meter.bytes > 0
+        True
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+        self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "SavedActivationMeter":
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._ctx is not None
+        self._ctx.__exit__(*exc)
+        self._seen.clear()
+
+    @property
+    def megabytes(self) -> float:
+        return self.bytes / 2**20
+
+
+def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain fixed-width text table (numbers already formatted by the caller)."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value

@@ -1,0 +1,87 @@
+"""PNG plots of a run's metrics (matplotlib, Agg backend: no display needed).
+
+* :func:`plot_transition` - the transition layer ``t`` against the epoch (the paper's Figure 3
+  view), with the local FLOP fraction ``p`` on a second axis.
+* :func:`plot_accuracy_vs_time` - test accuracy against cumulative training wall-clock time, one
+  line per run (used by ``train`` for one run and by ``bench tradeoff`` for its arms).
+
+Example::
+
+    >>> plot_transition(records, "runs/x/transition.png")                 # doctest: +SKIP
+    >>> plot_accuracy_vs_time({"LoCal+SGD": records}, "runs/x/accuracy_vs_time.png")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_transition", "plot_accuracy_vs_time"]
+
+Records = Sequence[Mapping[str, Any]]
+
+
+def plot_transition(records: Records, path: str | os.PathLike[str], *, num_layers: int | None = None,
+                    title: str = "") -> Path:
+    """Transition layer per epoch (step plot) and the local FLOP fraction.
+
+    Args:
+        records: per-epoch metric rows with ``epoch``, ``t`` and ``local_fraction``.
+        path: the PNG to write.
+        num_layers: draw the layer count as the upper limit of the axis.
+        title: figure title.
+    """
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.step(epochs, [r["t"] for r in records], where="post", color="tab:blue", marker="o", label="transition layer t")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("transition layer t (layers < t are local)")
+    if num_layers:
+        ax.set_ylim(0, num_layers)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [_num(r.get("local_fraction")) for r in records], color="tab:orange", ls="--",
+             label="local FLOP fraction p")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("local FLOP fraction p")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=8)
+    ax.set_title(title or "LoCal+SGD: transition layer per epoch")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_time(runs: Mapping[str, Records], path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Test accuracy against cumulative training time (``elapsed_train_s``), one line per run."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, records in runs.items():
+        ax.plot([r["elapsed_train_s"] for r in records], [100 * _num(r["test_acc"]) for r in records],
+                marker="o", ms=3, label=name)
+    ax.set_xlabel("training wall-clock time (s, evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "test accuracy vs wall-clock time")
+    return _save(fig, path)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,472 @@
+"""The LoCal+SGD training loop behind ``localsgd train``: :class:`TrainConfig`, :class:`Trainer`, :func:`fit`.
+
+What a run measures, per epoch (columns: :mod:`localsgd_fx.metrics`): the transition layer ``t``
+and local FLOP fraction ``p``, train loss/accuracy, test accuracy (``model.eval()``: the untouched
+graph, under ``no_grad``), epoch and step wall times, activation memory saved for backward, compile
+time, the local learning rate and the schedule's statistics (δ, W̄). Files in ``config.out``:
+``metrics.jsonl``, ``metrics.csv``, ``transition.png``, ``accuracy_vs_time.png``, ``checkpoint.pt``
+(every epoch, atomic), ``config.json`` and, at the end, ``summary.json``.
+
+The step: forward (the local prefix updates its weights inside it), cross-entropy, backward,
+optimizer step, LR scheduler step, ``model.observe_loss(loss)``; ``model.end_epoch()`` once per
+epoch. The learning rate is stepped **per iteration**: cosine from ``lr`` to 0 over all
+iterations, or ``step`` (x0.1 at 50 % and 75 % of the epochs).
+
+Determinism: the model is initialised from ``seed``; the batch order and augmentation of epoch
+``e`` depend only on ``(seed, e)`` (:class:`~localsgd_fx.data.Batches`); the global RNG states
+(torch, numpy, python) are captured at every epoch end, checkpointed, and restored before the
+next epoch. So on CPU ``epochs=4`` in one go and ``stop_after=2`` + ``resume`` give identical
+weights, transitions and metrics (apart from wall times).
+
+Example::
+
+    >>> from localsgd_fx.train import TrainConfig, fit
+    >>> result = fit(TrainConfig(model="smallcnn", epochs=2, train_subset=512, out="runs/demo"))  # doctest: +SKIP
+    >>> print(result.summary())                                                                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import models_zoo
+
+from .api import DEFAULT_LOCAL_LR, LocalSGDModule, compile_localsgd
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
+                         restore_rng, save_checkpoint)
+from .data import Batches, ImageDataset, load_dataset
+from .metrics import SavedActivationMeter, format_table, write_metrics
+from .schedules import SCHEDULE_NAMES, make_schedule
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
+
+# ---------------------------------------------------------------------------------------------
+# Defaults of the main job (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
+# that finishes within 10 minutes on 2 CPU cores. Measured there: a plain-SGD step (batch 128) takes
+# ~0.27 s on idle cores and ~0.5 s when the box is shared, so one full-data epoch (469 steps) is
+# 2-4 minutes. The main job therefore trains on a fixed 10,000-image subset for 8 epochs and tests
+# on 2,000 test images: ~4 minutes idle, ~6-7 minutes shared.
+# ---------------------------------------------------------------------------------------------
+MAIN_EPOCHS = 8
+MAIN_TRAIN_SUBSET = 10000
+MAIN_TEST_SUBSET = 2000
+#: The learning-rate step schedule: multiply by ``STEP_GAMMA`` at these fractions of the epochs.
+STEP_MILESTONES, STEP_GAMMA = (0.5, 0.75), 0.1
+#: Data subsets are drawn with this seed whatever ``seed`` is, so every seed sees the same images.
+SUBSET_SEED = 0
+#: Config fields that steer the run but not its numbers (ignored when comparing with a checkpoint).
+RUN_CONTROL = ("data_dir", "out", "resume", "overwrite", "stop_after", "progress", "device", "compile",
+               "eval_batch_size")
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of a run, in one place (the CLI flags map 1:1 onto these fields).
+
+    ``schedule="sgd"`` is plain SGD (the rule is then irrelevant); ``rule="freeze"`` is the
+    freeze baseline (FreezeOut/AutoFreeze) driven by the chosen schedule. ``alpha``/``shift``
+    tune the dynamic schedule, ``c1``/``c2`` the static ones (``None``: the schedule's defaults,
+    :mod:`localsgd_fx.schedules`); an int ``shift``/``c1`` counts layers, a float in (0, 1) is a
+    fraction of the layers; an int ``c2`` is an epoch, a float a fraction of the epochs.
+    """
+
+    # data and model
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    train_subset: int | None = MAIN_TRAIN_SUBSET
+    test_subset: int | None = MAIN_TEST_SUBSET
+    augment: bool | None = None          # None: random crop + flip for CIFAR, none for Fashion-MNIST
+    # SGD
+    epochs: int = MAIN_EPOCHS
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_schedule: str = "cosine"          # "cosine" | "step", stepped per iteration
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # LoCal
+    rule: str = "hebbian"
+    schedule: str = "dynamic"
+    alpha: float | None = None
+    shift: int | float | None = None
+    c1: int | float | None = None
+    c2: int | float | None = None
+    local_lr: float = DEFAULT_LOCAL_LR
+    weak_supervision: str = "sign"
+    sample_fraction: float = 1.0
+    max_local: int | None = None
+    # run control
+    seed: int = 0
+    device: str = "auto"                 # "auto" | "cpu" | "cuda"
+    compile: str = "auto"                # "auto" (CUDA only) | "on" | "off"
+    out: str | None = "runs/train"       # None: write nothing (benchmarks)
+    resume: bool = False
+    overwrite: bool = False
+    stop_after: int | None = None        # stop after this many epochs in total (resumable), LR/schedules span `epochs`
+    progress: bool = True
+    eval_batch_size: int = 512
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raises ``ValueError`` naming the field, its value and what is valid."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            need(_pos_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("train_subset", "test_subset", "stop_after"):
+            value = getattr(self, name)
+            need(value is None or _pos_int(value), f"{name} must be a positive int or None, got {value!r}")
+        need(self.model in models_zoo.list_models(),
+             f"unknown model {self.model!r}; valid models: {', '.join(models_zoo.list_models())}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lr_schedule in ("cosine", "step"), f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {self.compile!r}")
+        need(self.device != "cuda" or torch.cuda.is_available(), "device 'cuda' asked for, but torch sees no CUDA device")
+        schedule_kwargs(self)   # raises on options that do not belong to the schedule
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _pos_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def schedule_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The options of ``config.schedule`` that are set; options of another schedule are an error."""
+    own = {"dynamic": ("alpha", "shift")}.get(config.schedule, ("c1", "c2")
+                                              if config.schedule in ("static", "quadratic", "linear", "exponential") else ())
+    given = {k: getattr(config, k) for k in ("alpha", "shift", "c1", "c2") if getattr(config, k) is not None}
+    stray = sorted(set(given) - set(own))
+    if stray:
+        users = "dynamic" if stray[0] in ("alpha", "shift") else "static/quadratic/linear/exponential"
+        raise ValueError(f"--{stray[0]} is an option of the {users} schedule, not of schedule {config.schedule!r}")
+    return given
+
+
+class Callback:
+    """Hooks into :class:`Trainer` (override what you need; any object with these methods works)."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer", step: int, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer: "Trainer", result: "TrainResult") -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: the per-epoch metrics, the trained model and the files written."""
+
+    config: TrainConfig
+    metrics: list[dict[str, Any]]
+    model: LocalSGDModule
+    out_dir: Path | None = None
+    checkpoint: Path | None = None
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def final_test_acc(self) -> float | None:
+        return self.metrics[-1]["test_acc"] if self.metrics else None
+
+    @property
+    def train_time_s(self) -> float:
+        return sum(r["train_time_s"] for r in self.metrics)
+
+    @property
+    def local_flop_epochs(self) -> float:
+        """Mean over epochs of ``p``: the fraction of layer-FLOP-epochs that were local."""
+        return sum(r["local_fraction"] or 0.0 for r in self.metrics) / max(1, len(self.metrics))
+
+    def summary(self) -> str:
+        """The result table (and the paths of the plots)."""
+        if not self.metrics:
+            return "no epoch trained"
+        last, cfg = self.metrics[-1], self.config
+        rows = [("final test accuracy", f"{100 * last['test_acc']:.2f} %"),
+                ("train time", f"{self.train_time_s:.1f} s (evaluation excluded)"),
+                ("epochs", f"{last['epoch']} of {cfg.epochs}"),
+                ("final t (last epoch)", f"{last['t']} of {len(self.model.layer_order)} layers (next: {last['t_next']})"),
+                ("local FLOP fraction p", _fmt(last["local_fraction"], "{:.3f}")),
+                ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (DESIGN 1.4)"),
+                ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
+        head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
+                f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")
+        text = head + "\n" + format_table(rows, ("result", "value"))
+        for name, path in self.plots.items():
+            text += f"\n{name} plot: {path}"
+        return text
+
+
+def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    """The train and test splits of ``config.dataset``, cut to the configured subsets."""
+    train = load_dataset(config.dataset, "train", config.data_dir)
+    test = load_dataset(config.dataset, "test", config.data_dir)
+    if config.train_subset:
+        train = train.subset(config.train_subset, seed=SUBSET_SEED)
+    if config.test_subset:
+        test = test.subset(config.test_subset, seed=SUBSET_SEED)
+    return train, test
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+class Trainer:
+    """One run: model, optimizer, LR schedule, data and state; :meth:`train_epoch` advances one epoch.
+
+    Args:
+        config: the hyperparameters (validated here).
+        callbacks: :class:`Callback`-like objects.
+        data: ``(train, test)`` datasets to use instead of loading ``config.dataset`` (shared
+            between the arms of a benchmark).
+        log: where per-epoch lines and warnings go (``None``: silent).
+    """
+
+    def __init__(self, config: TrainConfig, *, callbacks: Sequence[Any] | None = None,
+                 data: tuple[ImageDataset, ImageDataset] | None = None, log: Callable[[str], None] | None = print):
+        self.config = config.validate()
+        self.callbacks = list(callbacks or [])
+        self.log = log or (lambda _msg: None)
+        self.device = resolve_device(config.device)
+        self.train_set, self.test_set = data if data is not None else load_data(config)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        net = models_zoo.get_model(config.model, self.train_set.num_classes, self.train_set.image_shape[0])
+        net.to(self.device)
+        self.model = compile_localsgd(
+            net, rule=config.rule, schedule=make_schedule(config.schedule, **schedule_kwargs(config)),
+            local_lr=config.local_lr, weak_supervision=config.weak_supervision, max_local=config.max_local,
+            compile={"auto": "auto", "on": True, "off": False}[config.compile], total_epochs=config.epochs,
+            sample_fraction=config.sample_fraction)
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
+        self.batches = Batches(self.train_set, config.batch_size, augment=augment, seed=config.seed, device=self.device)
+        self.test_batches = Batches(self.test_set, config.eval_batch_size, shuffle=False, device=self.device)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
+        self.epoch = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.rng = capture_rng()          # each trainer owns its RNG stream (interleaved arms stay independent)
+        self.out_dir = Path(config.out) if config.out else None
+
+    # ------------------------------------------------------------------------------ schedule
+    def _lr_factor(self) -> Callable[[int], float]:
+        total, per_epoch = self.config.epochs * len(self.batches), len(self.batches)
+        milestones = [round(m * self.config.epochs) for m in STEP_MILESTONES]
+
+        def factor(step: int) -> float:   # a plain function: LambdaLR's state_dict stores nothing for it
+            if self.config.lr_schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+            return STEP_GAMMA ** sum(step // per_epoch >= m for m in milestones)
+        return factor
+
+    @property
+    def _compiled(self) -> bool:
+        return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------------------ one epoch
+    def train_epoch(self) -> dict[str, Any]:
+        """Train one epoch, run learning-mode selection, evaluate; returns (and stores) its record."""
+        cfg, lm, cuda = self.config, self.model, self.device.type == "cuda"
+        restore_rng(self.rng)
+        lm.train()
+        t = lm.transition
+        compile_before = lm.compile_seconds
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        steps = len(self.batches)
+        meter_step = min(1, steps - 1)
+        meter = SavedActivationMeter()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, step_time = 0, 0.0
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
+            s0 = time.perf_counter()
+            measure = i == meter_step and not self._compiled
+            with meter if measure else contextlib.nullcontext():
+                out = lm(x)
+                loss = F.cross_entropy(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            lm.observe_loss(loss.detach())
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            step_time += time.perf_counter() - s0
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
+            for cb in self.callbacks:
+                _call(cb, "on_step_end", self, i, loss.detach())
+            if cfg.progress and (i % 10 == 0 or i == steps - 1):
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%", t=t)
+            bar.update()
+        p, bound = lm.local_fraction, lm.speed_bound    # of the transition used this epoch
+        t_next = lm.end_epoch()
+        train_time = time.perf_counter() - start
+        bar.close()
+        test_loss, test_acc, eval_time = self.evaluate()
+        self.epoch += 1
+        stats = lm.stats()
+        record = {
+            "epoch": self.epoch, "t": t, "t_next": t_next, "local_fraction": p, "speed_bound": bound,
+            "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_time_s": train_time + eval_time, "train_time_s": train_time,
+            "elapsed_train_s": (self.metrics[-1]["elapsed_train_s"] if self.metrics else 0.0) + train_time,
+            "mean_step_ms": 1000 * step_time / steps,
+            "saved_activation_mb": meter.megabytes if not self._compiled else None,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
+            "compile_s": lm.compile_seconds - compile_before,
+            "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
+            **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
+        }
+        self.metrics.append(record)
+        self.rng = capture_rng()
+        for cb in self.callbacks:
+            _call(cb, "on_epoch_end", self, record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float, float]:
+        """``(test loss, test accuracy, seconds)`` with ``model.eval()`` (the untouched graph)."""
+        start = time.perf_counter()
+        self.model.eval()
+        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in self.test_batches.epoch(0):
+            out = self.model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+        self.model.train()
+        n = len(self.test_set)
+        return loss_sum.item() / n, correct.item() / n, time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint contents (see :mod:`localsgd_fx.checkpoint`)."""
+        return {"config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "rng": self.rng, "metrics": list(self.metrics)}
+
+    def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
+        """Restore a checkpoint; refuses one of another model/dataset/rule/schedule (:class:`CheckpointError`)."""
+        differ = [k for k in check_compatible(state, self.config.to_dict(), path) if k not in RUN_CONTROL]
+        if differ:
+            saved = state["config"]
+            self.log("warning: resuming with changed " + ", ".join(
+                f"{k} ({saved[k]!r} -> {getattr(self.config, k)!r})" for k in differ))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
+
+    # ------------------------------------------------------------------------------ the run
+    def fit(self) -> TrainResult:
+        """Train until ``epochs`` (or ``stop_after``), checkpointing and logging every epoch."""
+        cfg = self.config
+        ckpt = self._prepare_out_dir()
+        for cb in self.callbacks:
+            _call(cb, "on_train_start", self)
+        stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+        plots: dict[str, Path] = {}
+        while self.epoch < stop:
+            rec = self.train_epoch()
+            self.log(self._epoch_line(rec))
+            if self.out_dir is not None:
+                save_checkpoint(self.state_dict(), ckpt)
+                write_metrics(self.metrics, self.out_dir)
+                plots = self.write_plots()
+        if self.out_dir is not None and self.metrics and not plots:
+            plots = self.write_plots()
+        result = TrainResult(cfg, list(self.metrics), self.model, self.out_dir, ckpt, plots)
+        if self.out_dir is not None:
+            summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
+                       "epochs": self.epoch, "final_transition": self.model.transition,
+                       "local_flop_epochs": result.local_flop_epochs, "last_epoch": self.metrics[-1] if self.metrics else None}
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        for cb in self.callbacks:
+            _call(cb, "on_train_end", self, result)
+        return result
+
+    def write_plots(self) -> dict[str, Path]:
+        from .plots import plot_accuracy_vs_time, plot_transition   # matplotlib: imported only when plotting
+
+        assert self.out_dir is not None
+        cfg = self.config
+        name = f"{cfg.model} {cfg.dataset} {cfg.rule}/{cfg.schedule}"
+        return {"transition": plot_transition(self.metrics, self.out_dir / "transition.png",
+                                              num_layers=len(self.model.layer_order), title=f"transition layer: {name}"),
+                "accuracy vs time": plot_accuracy_vs_time({name: self.metrics}, self.out_dir / "accuracy_vs_time.png")}
+
+    def _prepare_out_dir(self) -> Path | None:
+        """Resume from, or refuse to overwrite, ``out/checkpoint.pt``; nothing is written before the checks pass."""
+        if self.out_dir is None:
+            if self.config.resume:
+                raise CheckpointError("resume needs an output directory (out) holding checkpoint.pt")
+            return None
+        ckpt = self.out_dir / CHECKPOINT_NAME
+        if self.config.resume:
+            self.load_state_dict(load_checkpoint(ckpt), ckpt)
+            self.log(f"resumed {ckpt} at epoch {self.epoch} (t={self.model.transition})")
+        elif ckpt.exists() and not self.config.overwrite:
+            raise CheckpointError(f"{ckpt} already exists: pass --resume to continue that run, --overwrite to "
+                                  "start over, or another --out")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        return ckpt
+
+    def _epoch_line(self, r: dict[str, Any]) -> str:
+        p = "?" if r["local_fraction"] is None else f"{r['local_fraction']:.2f}"
+        return (f"epoch {r['epoch']:>3}/{self.config.epochs}  t={r['t']:<2} p={p}  loss {r['train_loss']:.3f}  "
+                f"train {100 * r['train_acc']:.2f}%  test {100 * r['test_acc']:.2f}%  {r['train_time_s']:.1f}s "
+                f"({r['mean_step_ms']:.0f} ms/step)  -> t={r['t_next']}")
+
+
+def fit(config: TrainConfig, *, callbacks: Sequence[Any] | None = None,
+        log: Callable[[str], None] | None = print) -> TrainResult:
+    """Train with ``config`` (resuming if ``config.resume``); see :class:`Trainer`.
+
+    Example::
+
+        >>> res = fit(TrainConfig(model="smallcnn", epochs=1, train_subset=256, out=None))  # doctest: +SKIP
+    """
+    return Trainer(config, callbacks=callbacks, log=log).fit()
+
+
+def _call(obj: Any, name: str, *args: Any) -> None:
+    method = getattr(obj, name, None)
+    if method is not None:
+        method(*args)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "?" if value is None else spec.format(value)
+

@@ -1,0 +1,116 @@
+"""The ``localsgd`` command line: train, inspect, bench tradeoff --quick, error messages, ``python -m``."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localsgd_fx.cli import main
+
+SMALL = ["--model", "smallcnn", "--train-subset", "192", "--test-subset", "128", "--batch-size", "64", "--no-progress"]
+
+
+def write_tiny_fmnist(folder: Path, n_train: int = 256, n_test: int = 128, seed: int = 0) -> Path:
+    """Fashion-MNIST-format IDX files of a learnable toy problem (class = position of a bright bar)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 230
+        for kind, arr, magic in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
+            header = bytes([0, 0, 8, magic]) + np.array(arr.shape, dtype=">u4").tobytes()
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.tobytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(write_tiny_fmnist(tmp_path_factory.mktemp("fmnist")))
+
+
+def test_train_writes_metrics_plots_checkpoint_and_table(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--data-dir", data_dir, "--epochs", "2", "--out", str(out), "--schedule", "linear",
+            "--c1", "2", "--c2", "0"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for item in ("final test accuracy", "train time", "epochs", "final t", "local FLOP fraction", "speed bound",
+                 str(out / "transition.png"), str(out / "accuracy_vs_time.png")):
+        assert item in text
+    for name in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "transition.png", "accuracy_vs_time.png", "config.json"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["c1"] == 2
+    # a second fresh run into the same --out is refused; --resume with another model names the mismatch
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *SMALL[2:], "--model", "resnet20", "--data-dir", data_dir, "--epochs", "3", "--out", str(out),
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model 'smallcnn'" in err and "model 'resnet20'" in err and "\n" not in err and "Traceback" not in err
+    assert main(["train", *SMALL, "--data-dir", data_dir, "--epochs", "3", "--out", str(out), "--resume",
+                 "--schedule", "linear", "--c1", "2", "--c2", "0"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_inspect_prints_graph_and_writes_dot(tmp_path, capsys):
+    argv = ["inspect", "--model", "smallcnn", "--transition", "2", "--in-channels", "1", "--image-size", "28",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "local_update" in text and "LOCAL" in text and "SGD" in text and "def forward" in text
+    dot = tmp_path / "smallcnn_t2.dot"
+    assert dot.read_text().startswith("digraph")
+    if (tmp_path / "smallcnn_t2.png").exists():
+        assert (tmp_path / "smallcnn_t2.png").stat().st_size > 0
+
+
+def test_bench_tradeoff_quick(data_dir, tmp_path, capsys):
+    assert main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for arm in ("SGD", "LoCal static quadratic", "LoCal dynamic", "freeze dynamic", "speedup", "Δ acc (pp)"):
+        assert arm in text
+    report = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert set(report["summary"]) == {"SGD", "LoCal static quadratic", "LoCal dynamic", "freeze dynamic"}
+    assert report["summary"]["SGD"]["speedup"][0] == pytest.approx(1.0)
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_names_list_the_valid_ones(data_dir, tmp_path, capsys):
+    assert main(["train", "--model", "no_such_net", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "resnet20" in err and "smallcnn" in err and "no_such_net" in err
+    assert main(["inspect", "--model", "no_such_net"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("localsgd: error:") and "resnet20" in err and "\n" not in err
+    assert main(["train", "--dataset", "mnist"]) == 2
+    assert "fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    assert main(["train", *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cifar" in err.lower() and "https://www.cs.toronto.edu/~kriz/cifar.html" in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_bench_step_is_wired(capsys):
+    assert main(["bench", "step", "--help"]) == 0
+    assert "bench step" in capsys.readouterr().out
+
+
+def test_python_dash_m(data_dir, tmp_path):
+    env = {**os.environ, "GOMP_SPINCOUNT": "1000"}
+    done = subprocess.run([sys.executable, "-m", "localsgd_fx", "train", *SMALL, "--data-dir", data_dir,
+                           "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "final test accuracy" in done.stdout and (tmp_path / "checkpoint.pt").exists()
