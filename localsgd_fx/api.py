@@ -16,7 +16,7 @@ from torch import nn
 
 from passes.errors import LocalSGDError
 from passes.inspection import layer_table, speed_bound
-from passes.layers import LayerOrder, find_layers, propagate_shapes
+from passes.layers import LayerOrder, find_layers
 from passes.rewrite import LocalUpdateSpec, rewrite
 from passes.trace import trace
 
@@ -63,7 +63,8 @@ class LocalSGDModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._order.flop_shares() is None:
             self._measure_flops(args, kwargs)
-        key = self.transition if self.training else _EVAL
+        # the model's own flag too: with inplace=True users call model.eval(), which never reaches this wrapper
+        key = self.transition if self.training and self.model.training else _EVAL
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(key)
@@ -195,8 +196,7 @@ class LocalSGDModule(nn.Module):
     def _measure_flops(self, args, kwargs) -> None:
         if kwargs:
             raise LocalSGDError("FLOP counting needs positional inputs; pass example_inputs=(...) to compile_localsgd")
-        propagate_shapes(self._traced, args)
-        self.__dict__["_order"] = find_layers(self._traced, args)
+        self.__dict__["_order"] = find_layers(self._traced, args)   # propagates shapes once
 
     def _should_compile(self) -> bool:
         if self.compile_mode == "auto":

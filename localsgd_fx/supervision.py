@@ -57,9 +57,13 @@ class WeakSupervision(nn.Module):
         """Record the loss of the step just taken; sets ``lr`` for the next step."""
         loss = torch.as_tensor(loss).detach().to(self.lr.device, torch.float32).reshape(())
         ok = torch.isfinite(loss)
-        ema = torch.where(self.steps == 0, loss, self.beta * self.loss_ema + (1 - self.beta) * loss)
+        prev = torch.where(self.steps == 0, loss, self.loss_ema)
+        ema = prev + (1 - self.beta) * (loss - prev)   # incremental: a flat loss keeps the average exact
         if self.mode == "sign":
-            lr = torch.where(loss <= ema, self.base_lr, -self.base_lr)
+            # L <= β·prev + (1-β)·L  <=>  L <= prev (β > 0): decided on prev, so rounding never makes a
+            # flat loss look like a rise
+            rising = loss > prev if self.beta > 0 else torch.zeros_like(ok)
+            lr = torch.where(rising, -self.base_lr, self.base_lr)
         elif self.mode == "scale":
             lr = self.base_lr * torch.clamp(ema / loss.clamp_min(1e-12), max=1.0)
         else:

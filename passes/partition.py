@@ -1,10 +1,11 @@
 """Prefix partition: which nodes run locally (under ``no_grad``) for a transition ``t``.
 
 A compute node is in the prefix iff every input is in the prefix or is a source (placeholder,
-get_attr), it is not a call of an SGD layer, and it is a local layer call or depends on one.
+get_attr), it is not a call of an SGD layer, and it is a local layer call, feeds one (work on the
+input before the first layer: a flatten, an input BatchNorm) or depends on one.
 The last clause refines DESIGN 1's rule so that ``t = 0`` leaves the graph untouched: parameterised
 work that only depends on the inputs (an input BatchNorm, say) keeps training by SGD until a local
-layer sits before it. The prefix is ancestor-closed over compute nodes, so it can run first.
+layer sits before it or reads it. The prefix is ancestor-closed over compute nodes, so it can run first.
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
     check_transition(order, transition)
     local = {layer.name for layer in order.layers[:transition]}
     layer_of_site = order.site_to_layer()
+    # nodes that feed a local layer call without passing an SGD layer (an input Flatten/BatchNorm/pool)
+    feeds_local: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        layer = layer_of_site.get(node.name)
+        if (layer is not None and layer.name in local) or (
+                layer is None and any(u in feeds_local for u in node.users)):
+            feeds_local.add(node)
     prefix: set[fx.Node] = set()
     outside_local: list[str] = []
     for node in gm.graph.nodes:
@@ -63,7 +71,7 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
         inputs_ok = all(i in prefix or i.op in SOURCE_OPS for i in node.all_input_nodes)
         if layer is not None and layer.name not in local:
             continue                                   # an SGD layer
-        if inputs_ok and (layer is not None or any(i in prefix for i in node.all_input_nodes)):
+        if inputs_ok and (layer is not None or node in feeds_local or any(i in prefix for i in node.all_input_nodes)):
             prefix.add(node)
         elif layer is not None:
             outside_local.append(node.name)

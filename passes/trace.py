@@ -26,6 +26,7 @@ class _LocalSGDTracer(fx.Tracer):
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.scope_names: list[str] = []
+        self.failed_scope: str | None = None   # innermost submodule whose tracing raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -36,6 +37,10 @@ class _LocalSGDTracer(fx.Tracer):
         self.scope_names.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_scope is None:   # the scope stack unwinds before trace() sees the error
+                self.failed_scope = self.scope_names[-1]
+            raise
         finally:
             self.scope_names.pop()
 
@@ -75,7 +80,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Grap
     except Exception as exc:  # FX raises TraceError, TypeError, RuntimeError... for the same cause
         frame = _user_frame(exc)
         where = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else "?"
-        inside = tracer.scope_names[-1] if tracer.scope_names else ""
+        inside = tracer.failed_scope or ""
         hatch = (f"leaf_modules=({inside!r},) (or its class {type(model.get_submodule(inside)).__name__})"
                  if inside else "leaf_modules=(<the submodule's name or class>,)")
         raise LocalSGDError(
