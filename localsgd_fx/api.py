@@ -164,7 +164,8 @@ class LocalSGDModule(nn.Module):
 
     # ----------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "layers": self._order.names, "transition": self.transition,
+        return {"version": STATE_VERSION, "layers": self._order.names, "shapes": self._layer_shapes(),
+                "transition": self.transition,
                 "epoch": self.epoch, "schedule": self.schedule.state_dict(), "history": list(self.history),
                 "epoch_start": {i: w.clone() for i, w in self._epoch_start.items()}}
 
@@ -176,15 +177,25 @@ class LocalSGDModule(nn.Module):
             raise LocalSGDError("checkpoint was written for a model with other layers "
                                 f"({len(state['layers'])} layers, first {state['layers'][:3]}) than this one "
                                 f"({len(self._order)} layers, first {self._order.names[:3]}); build the same model.")
+        if state.get("shapes") != self._layer_shapes():
+            mismatch = next(f"{n}: checkpoint {a}, model {b}" for n, a, b in
+                            zip(self._order.names, state.get("shapes") or [None] * len(self._order), self._layer_shapes())
+                            if a != b)
+            raise LocalSGDError(f"checkpoint layer shapes differ from this model's ({mismatch}); build the same model "
+                                "with the same widths.")
+        # everything is checked: apply (the schedule first, it validates its own state)
+        self.schedule.load_state_dict(state["schedule"])
         self.set_transition(int(state["transition"]), force=True)
         self.epoch = int(state["epoch"])
-        self.schedule.load_state_dict(state["schedule"])
         self.history = list(state["history"])
         device = self.supervision.lr.device
         self._epoch_start.clear()
         self._epoch_start.update({int(i): w.to(device) for i, w in state["epoch_start"].items()})
 
     # ----------------------------------------------------------------------- internals
+    def _layer_shapes(self) -> list[list[int]]:
+        return [list(self._weight(i).shape) for i in range(len(self._order))]
+
     def _weight(self, index: int) -> torch.Tensor:
         return self._traced.get_submodule(self._order.layers[index].name).weight
 
@@ -222,8 +233,17 @@ class LocalSGDModule(nn.Module):
         return first_call
 
     def _apply(self, fn, recurse=True):
-        # moving/casting replaces buffers (the local rate among them): emitted graphs hold stale references
+        # moving/casting may replace tensors (buffers always, the local rate among them): point the traced
+        # graph's own attributes back at the model's, and drop emitted graphs holding stale references
         result = super()._apply(fn, recurse)
+        for name, _ in [*self._traced.named_parameters(remove_duplicate=False),
+                        *self._traced.named_buffers(remove_duplicate=False)]:
+            owner_name, _, attr = name.rpartition(".")
+            owner = self._traced.get_submodule(owner_name)
+            if attr in owner._parameters:
+                owner._parameters[attr] = self.model.get_parameter(name)
+            else:
+                owner._buffers[attr] = self.model.get_buffer(name)
         self._graphs.clear()
         self._runners.clear()
         return result

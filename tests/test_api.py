@@ -279,8 +279,6 @@ def test_state_dict_of_a_different_model_is_refused():
     assert other.transition == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: set_extra_state runs before the parameters are checked, so a failed "
-                                       "load leaves the checkpoint's transition/epoch/schedule behind")
 def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
     lm = compile_localsgd(make(), schedule="manual")
     lm.set_transition(2)
@@ -453,8 +451,6 @@ class WithBuffer(nn.Module):
         return self.fc(self.conv(x - self.offset).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: LocalSGDModule._apply casts the model's buffers but the traced graph "
-                                       "keeps references to the old buffer tensors it reads with get_attr")
 def test_to_float64_keeps_get_attr_buffers_in_sync():
     torch.manual_seed(0)
     model = WithBuffer()
