@@ -8,15 +8,19 @@ optimizer, RNG stream and schedule state) so a busy neighbour on a shared machin
 alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,
 the GEMM model's bound on that speedup for the transitions actually taken (DESIGN 1.4), the final
 test accuracy and its difference to SGD in percentage points, the peak activation memory saved
-for backward in a step (CPU; CUDA: peak allocated), and the fraction of layer-FLOP-epochs that
-were local. With several ``--seeds`` the figures are mean ± standard deviation over seeds.
+for backward in a step (CPU; CUDA: peak allocated) over the run and in its last epoch (every arm
+starts on plain SGD, so the peaks match; the last epoch shows what the local prefix saves), and
+the fraction of layer-FLOP-epochs that were local. With several ``--seeds`` the figures are
+mean ± standard deviation over seeds.
 Writes ``tradeoff.json`` and ``tradeoff.png`` (test accuracy vs training wall-clock per arm).
 
 Default: ResNet-20 on Fashion-MNIST, 15,000 train / 5,000 test images, 8 epochs, batch 128, one
-seed (32 arm-epochs of 118 steps): about 17 minutes on 2 idle CPU cores (a plain-SGD step takes
-~0.27 s there), about 35 when the cores are shared - inside 60 either way; every extra seed adds
-as much again. ``--quick``: SmallCNN, 512 / 256 images, 3 epochs, batch 64 - a smoke test of a
-few seconds.
+seed (32 arm-epochs of 118 steps): measured 21.5 minutes on a shared 2-core box (a plain-SGD
+step takes 0.27 s on idle cores, ~0.5 s on busy ones: 15-35 minutes), inside 60; every extra seed
+adds as much again. Epoch timings include one-time costs and whatever the neighbours do at that
+moment; the interleaving spreads the latter over the arms but cannot remove it: repeat, or use
+``--seeds``, before trusting a speedup difference of a few percent.
+``--quick``: SmallCNN, 512 / 256 images, 3 epochs, batch 64 - a smoke test of a few seconds.
 
 Run: ``localsgd bench tradeoff [--seeds 0 1] [--quick]``.
 """
@@ -89,6 +93,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
                 "test_acc": 100 * recs[-1]["test_acc"],
                 "delta_acc_pp": 100 * (recs[-1]["test_acc"] - ref_recs[-1]["test_acc"]),
                 "peak_memory_mb": max((m for m in mem if m is not None), default=float("nan")),
+                "last_epoch_memory_mb": mem[-1] if mem[-1] is not None else float("nan"),
                 "local_flop_epochs": sum(r["local_fraction"] or 0.0 for r in recs) / len(recs),
                 "final_t": recs[-1]["t"],
             })
@@ -100,10 +105,11 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
 def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str) -> str:
     def cell(stat: tuple[float, float], spec: str) -> str:
         mean, std = stat
-        return spec.format(mean) + ("" if std != std else " ± " + spec.format(std))
+        return spec.format(mean) + ("" if std != std else " ± " + spec.replace("+", "").format(std))
 
     rows = [(name, cell(s["train_time_s"], "{:.1f}"), cell(s["speedup"], "{:.2f}") + "x", cell(s["bound"], "{:.2f}") + "x",
-             cell(s["test_acc"], "{:.2f}"), cell(s["delta_acc_pp"], "{:+.2f}"), cell(s["peak_memory_mb"], "{:.1f}"),
+             cell(s["test_acc"], "{:.2f}"), cell(s["delta_acc_pp"], "{:+.2f}"),
+             cell(s["peak_memory_mb"], "{:.1f}") + " / " + cell(s["last_epoch_memory_mb"], "{:.1f}"),
              cell(s["local_flop_epochs"], "{:.3f}"), cell(s["final_t"], "{:.0f}"))
             for name, s in summary.items()]
     return format_table(rows, ("arm", "train time (s)", "speedup", "GEMM bound", "test acc (%)", "Δ acc (pp)",
@@ -124,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--out", default="runs/tradeoff", help="folder for tradeoff.json / tradeoff.png (default %(default)s)")
+    parser.add_argument("--out", default="runs/tradeoff",
+                        help="folder for tradeoff.json / tradeoff.png (default %(default)s)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULT
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
@@ -138,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     runs = run_tradeoff(base, args.seeds)
     summary = summarise(runs)
-    memory_kind = "CUDA peak MB" if base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available()) \
-        else "saved activ. MB"
+    memory_kind = "CUDA MB peak / last" if base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available()) \
+        else "saved activ. MB peak / last"
     print(format_summary(summary, memory_kind))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=d["momentum"], help="(default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="(default %(default)s)")
     g = p.add_argument_group("LoCal")
-    g.add_argument("--rule", default=d["rule"], choices=list_rules(), help="local rule; freeze = the freeze baseline (default %(default)s)")
+    g.add_argument("--rule", default=d["rule"], choices=list_rules(),
+                   help="local rule; freeze = the freeze baseline (default %(default)s)")
     g.add_argument("--schedule", default=d["schedule"], choices=SCHEDULE_NAMES,
                    help="learning-mode selection; sgd = plain SGD (default %(default)s)")
     g.add_argument("--alpha", type=float, help="dynamic: move when delta < alpha * running average")
@@ -104,12 +105,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=d["out"], help="run directory (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
-    g.add_argument("--stop-after", type=int, metavar="E", help="stop after epoch E (resumable; schedules still span --epochs)")
+    g.add_argument("--stop-after", type=int, metavar="E",
+                   help="stop after epoch E (resumable; schedules still span --epochs)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for logs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localsgd", description="LoCal+SGD: selective localized learning as a torch.fx pass.")
+    parser = argparse.ArgumentParser(prog="localsgd",
+                                     description="LoCal+SGD: selective localized learning as a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
     train = sub.add_parser("train", help="train a model with LoCal+SGD (defaults: the main job, ~4 min on 2 CPU cores)",
                            description=TRAIN_DESCRIPTION)

@@ -327,7 +327,7 @@ class Trainer:
             for cb in self.callbacks:
                 _call(cb, "on_step_end", self, i, loss.detach())
             if cfg.progress and (i % 10 == 0 or i == steps - 1):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%", t=t)
+                bar.set_postfix({"t": t, "loss": f"{loss_sum.item() / seen:.3f}", "acc": f"{100 * correct.item() / seen:.1f}%"})
             bar.update()
         p, bound = lm.local_fraction, lm.speed_bound    # of the transition used this epoch
         t_next = lm.end_epoch()
@@ -410,7 +410,8 @@ class Trainer:
         if self.out_dir is not None:
             summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
                        "epochs": self.epoch, "final_transition": self.model.transition,
-                       "local_flop_epochs": result.local_flop_epochs, "last_epoch": self.metrics[-1] if self.metrics else None}
+                       "local_flop_epochs": result.local_flop_epochs,
+                       "last_epoch": self.metrics[-1] if self.metrics else None}
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         for cb in self.callbacks:
             _call(cb, "on_train_end", self, result)
