@@ -2,13 +2,36 @@
 
     >>> from localsgd_fx import compile_localsgd
     >>> model = compile_localsgd(model, schedule="dynamic")
+
+Names are imported lazily, so ``python -m localsgd_fx`` and the ``localsgd`` script can set
+``GOMP_SPINCOUNT`` before torch (and its OpenMP runtime) is loaded.
 """
-from passes.errors import LocalSGDError
+from __future__ import annotations
 
-from .api import DEFAULT_LOCAL_LR, LocalSGDModule, compile_localsgd
-from .rules import LocalRule, list_rules, register_rule
-from .schedules import Dynamic, Static, make_schedule
+import importlib
 
-__all__ = ["LocalSGDError", "LocalSGDModule", "compile_localsgd", "DEFAULT_LOCAL_LR", "LocalRule", "register_rule",
-           "list_rules", "Dynamic", "Static", "make_schedule"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LocalSGDError": "passes.errors",
+    "LocalSGDModule": "localsgd_fx.api",
+    "compile_localsgd": "localsgd_fx.api",
+    "DEFAULT_LOCAL_LR": "localsgd_fx.api",
+    "LocalRule": "localsgd_fx.rules",
+    "register_rule": "localsgd_fx.rules",
+    "list_rules": "localsgd_fx.rules",
+    "Dynamic": "localsgd_fx.schedules",
+    "Static": "localsgd_fx.schedules",
+    "make_schedule": "localsgd_fx.schedules",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'localsgd_fx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

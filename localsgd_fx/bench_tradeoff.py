@@ -43,28 +43,29 @@ from .train import Trainer, TrainConfig, load_data
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size)
 DEFAULT = dict(model="resnet20", train_subset=15000, test_subset=5000, epochs=8, batch_size=128)
 QUICK = dict(model="smallcnn", train_subset=512, test_subset=256, epochs=3, batch_size=64)
-#: The arms: name -> (rule, schedule). The first one is the reference.
-ARMS: dict[str, tuple[str, str]] = {
-    "SGD": ("hebbian", "sgd"),
-    "LoCal static quadratic": ("hebbian", "quadratic"),
-    "LoCal dynamic": ("hebbian", "dynamic"),
-    "freeze dynamic": ("freeze", "dynamic"),
+#: The arms: name -> TrainConfig fields that differ from the base. The first one is the reference.
+ARMS: dict[str, dict[str, Any]] = {
+    "SGD": {"schedule": "sgd"},
+    "LoCal static quadratic": {"rule": "hebbian", "schedule": "quadratic"},
+    "LoCal dynamic": {"rule": "hebbian", "schedule": "dynamic"},
+    "freeze dynamic": {"rule": "freeze", "schedule": "dynamic"},
 }
 
 __all__ = ["run_tradeoff", "summarise", "main", "ARMS", "DEFAULT", "QUICK"]
 
 
-def run_tradeoff(base: TrainConfig, seeds: list[int], *, log=print) -> dict[str, list[list[dict[str, Any]]]]:
-    """Train every arm for every seed, interleaved epoch by epoch.
+def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[str, Any]] = ARMS,
+                 log=print) -> dict[str, list[list[dict[str, Any]]]]:
+    """Train every arm (``base`` with the arm's overrides) for every seed, interleaved epoch by epoch.
 
     Returns:
         ``{arm name: [per-epoch records of seed 0, of seed 1, ...]}``.
     """
     data = load_data(base)
-    runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in ARMS}
+    runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in arms}
     for seed in seeds:
-        trainers = {name: Trainer(replace(base, rule=rule, schedule=schedule, seed=seed), data=data, log=None)
-                    for name, (rule, schedule) in ARMS.items()}
+        trainers = {name: Trainer(replace(base, **overrides, seed=seed).validate(), data=data, log=None)
+                    for name, overrides in arms.items()}
         for epoch in range(base.epochs):
             for name, trainer in trainers.items():
                 r = trainer.train_epoch()

@@ -19,13 +19,13 @@ import sys
 
 # Short OpenMP spin-waits: on a shared 2-core box, busy-waiting threads steal the other process's
 # core (measured: 1.5-3x the CPU time per step under load). libgomp reads the variable once, when
-# torch loads it, so it only takes effect if torch is not imported yet; see _respawn_for_openmp().
-_SPIN_SETTING_EFFECTIVE = "GOMP_SPINCOUNT" in os.environ or "torch" not in sys.modules
+# torch loads it; the package imports torch lazily, so this line runs first.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -102,7 +102,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"], help="(default %(default)s)")
     g.add_argument("--compile", default=d["compile"], choices=["auto", "on", "off"],
                    help="torch.compile the graphs; auto = on CUDA only (default %(default)s)")
-    g.add_argument("--out", default=d["out"], help="run directory (default %(default)s)")
+    g.add_argument("--out", help="run directory (default: a new runs/<model>-<dataset>-<date-time>; "
+                                 "--resume needs the folder of the run)")
     g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
     g.add_argument("--stop-after", type=int, metavar="E",
@@ -133,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``localsgd`` command line; returns the exit status (0 ok, 2 bad input, 130 Ctrl-C)."""
-    if argv is None:
-        _respawn_for_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in ("tradeoff", "step"):
@@ -153,22 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _respawn_for_openmp() -> None:
-    """Re-run this command in a fresh interpreter when torch was imported before GOMP_SPINCOUNT was set.
-
-    ``python -m localsgd_fx`` and the ``localsgd`` script import the ``localsgd_fx`` package (and
-    so torch) before this module runs. The new process inherits ``GOMP_SPINCOUNT=1000`` and does
-    not respawn again. Set ``GOMP_SPINCOUNT`` yourself (any value) to skip this.
-    """
-    if not _SPIN_SETTING_EFFECTIVE:
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "localsgd_fx", *sys.argv[1:]])
-
-
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
+    if values["out"] is None:
+        if args.resume:
+            raise ValueError("--resume needs --out DIR: the folder of the run to continue")
+        values["out"] = f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     for key in ("train_subset", "test_subset"):
         values[key] = values[key] or None                # 0 = the whole split
     result = fit(TrainConfig.from_dict(values))

@@ -1,0 +1,71 @@
+"""Sweep for the defaults of the local rule and the dynamic schedule (issue: defaults from measurements).
+
+What it measures: ResNet-20 on Fashion-MNIST with the main job's settings (10,000 train / 2,000 test
+images, 8 epochs, batch 128, cosine LR 0.1), every arm trained side by side with the same data and
+seed, interleaved epoch by epoch (``localsgd_fx.bench_tradeoff.run_tradeoff``). Per arm: train time,
+speedup over SGD, test accuracy and its difference to SGD, local FLOP-epoch fraction, final t.
+
+Stages (``--stage``):
+  lr        the local learning rate of the hebbian rule (and oja), against SGD and freeze
+  schedule  alpha and shift of the dynamic schedule, with the chosen local rate
+
+Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from localsgd_fx.bench_tradeoff import format_summary, run_tradeoff, summarise
+from localsgd_fx.train import TrainConfig
+
+BASE = dict(model="resnet20", dataset="fashion-mnist", train_subset=10000, test_subset=2000, epochs=8, batch_size=128)
+STAGES = {
+    "lr": {
+        "SGD": {"schedule": "sgd"},
+        "freeze dynamic": {"rule": "freeze", "schedule": "dynamic"},
+        "hebbian 1e-3": {"rule": "hebbian", "local_lr": 1e-3},
+        "hebbian 1e-4": {"rule": "hebbian", "local_lr": 1e-4},
+        "hebbian 1e-5": {"rule": "hebbian", "local_lr": 1e-5},
+        "oja 1e-4": {"rule": "oja", "local_lr": 1e-4},
+    },
+    "schedule": {
+        "SGD": {"schedule": "sgd"},
+        "alpha 0.1 shift 0.1": {"alpha": 0.1, "shift": 0.1},
+        "alpha 0.3 shift 0.1": {"alpha": 0.3, "shift": 0.1},
+        "alpha 0.5 shift 0.1": {"alpha": 0.5, "shift": 0.1},
+        "alpha 0.5 shift 0.15": {"alpha": 0.5, "shift": 0.15},
+    },
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--stage", choices=list(STAGES), required=True)
+    parser.add_argument("--local-lr", type=float, help="stage 'schedule': the local rate to use (default: the library's)")
+    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", default="runs/sweep")
+    args = parser.parse_args()
+    extra = {"local_lr": args.local_lr} if args.local_lr is not None else {}
+    base = TrainConfig(**{**BASE, "epochs": args.epochs}, **extra, out=None, progress=False).validate()
+    start = time.perf_counter()
+    runs = run_tradeoff(base, args.seeds, arms=STAGES[args.stage])
+    summary = summarise(runs)
+    print(format_summary(summary, "saved activ. MB"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"sweep_{args.stage}.json"
+    path.write_text(json.dumps({"base": base.to_dict(), "arms": STAGES[args.stage], "summary": summary, "runs": runs,
+                                "wall_time_s": time.perf_counter() - start}, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
