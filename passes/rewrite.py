@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 from .errors import LocalSGDError
 from .layers import LayerOrder
-from .partition import SOURCE_OPS, Partition, partition
+from .partition import SOURCE_OPS, partition
 
 PARTITION_META = "localsgd_partition"
 

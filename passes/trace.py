@@ -9,7 +9,6 @@ from __future__ import annotations
 import traceback
 from collections.abc import Iterable
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -12,12 +12,15 @@ Test modules import these helpers with ``from conftest import ...`` (``tests/`` 
 from __future__ import annotations
 
 import copy
+import gzip
 import itertools
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -543,3 +546,25 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def deepcopy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# ---------------------------------------------------------------- training data
+def write_tiny_fmnist(folder: Path, n_train: int = 256, n_test: int = 128, seed: int = 0) -> Path:
+    """Fashion-MNIST-format IDX files of a learnable toy problem (class = position of a bright bar)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 230
+        for kind, arr, magic in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
+            header = bytes([0, 0, 8, magic]) + np.array(arr.shape, dtype=">u4").tobytes()
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.tobytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    return str(write_tiny_fmnist(tmp_path_factory.mktemp("fmnist")))

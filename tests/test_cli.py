@@ -1,40 +1,16 @@
 """The ``localsgd`` command line: train, inspect, bench tradeoff --quick, error messages, ``python -m``."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from localsgd_fx.cli import main
 
 SMALL = ["--model", "smallcnn", "--train-subset", "192", "--test-subset", "128", "--batch-size", "64", "--no-progress"]
-
-
-def write_tiny_fmnist(folder: Path, n_train: int = 256, n_test: int = 128, seed: int = 0) -> Path:
-    """Fashion-MNIST-format IDX files of a learnable toy problem (class = position of a bright bar)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 230
-        for kind, arr, magic in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
-            header = bytes([0, 0, 8, magic]) + np.array(arr.shape, dtype=">u4").tobytes()
-            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + arr.tobytes())
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(write_tiny_fmnist(tmp_path_factory.mktemp("fmnist")))
 
 
 def test_train_writes_metrics_plots_checkpoint_and_table(data_dir, tmp_path, capsys):

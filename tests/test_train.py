@@ -6,12 +6,10 @@ temporary folder and read through the real loader), a few batches per epoch.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,27 +17,6 @@ from localsgd_fx.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointE
                                     save_checkpoint)
 from localsgd_fx.metrics import COLUMNS, TIME_COLUMNS
 from localsgd_fx.train import Callback, Trainer, TrainConfig, fit
-
-
-def write_tiny_fmnist(folder: Path, n_train: int = 256, n_test: int = 128, seed: int = 0) -> Path:
-    """Fashion-MNIST-format IDX files of a learnable toy problem (class = position of a bright bar)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 230
-        for kind, arr, magic in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
-            header = bytes([0, 0, 8, magic]) + np.array(arr.shape, dtype=">u4").tobytes()
-            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + arr.tobytes())
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(write_tiny_fmnist(tmp_path_factory.mktemp("fmnist")))
 
 
 def config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
