@@ -8,6 +8,7 @@ speedup over SGD, test accuracy and its difference to SGD, local FLOP-epoch frac
 Stages (``--stage``):
   lr        the local learning rate of the hebbian rule (and oja), against SGD and freeze
   schedule  alpha and shift of the dynamic schedule, with the chosen local rate
+  static    c1 and c2 of the static quadratic schedule, with the chosen local rate
 
 Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 CPU cores).
 """
@@ -34,6 +35,13 @@ STAGES = {
         "hebbian 1e-4": {"rule": "hebbian", "local_lr": 1e-4},
         "hebbian 1e-5": {"rule": "hebbian", "local_lr": 1e-5},
         "oja 1e-4": {"rule": "oja", "local_lr": 1e-4},
+    },
+    "static": {
+        "SGD": {"schedule": "sgd"},
+        "quadratic c1 0.75 c2 0.1": {"schedule": "quadratic", "c1": 0.75, "c2": 0.1},
+        "quadratic c1 1.0 c2 0.1": {"schedule": "quadratic", "c1": 1.0, "c2": 0.1},
+        "quadratic c1 0.5 c2 0.1": {"schedule": "quadratic", "c1": 0.5, "c2": 0.1},
+        "quadratic c1 0.75 c2 0.25": {"schedule": "quadratic", "c1": 0.75, "c2": 0.25},
     },
     "schedule": {
         "SGD": {"schedule": "sgd"},
