@@ -435,7 +435,7 @@ def test_make_schedule_shorthands(name, cls, kind):
     assert type(s) is cls
     if kind is not None:
         assert s.kind == kind
-        assert (s.c1, s.c2, s.k) == (0.75, 0.1, 4.0)
+        assert (s.c1, s.c2, s.k) == (0.75, 0.25, 4.0)
 
 
 def test_make_schedule_other_specs():
