@@ -9,6 +9,7 @@ Stages (``--stage``):
   lr        the local learning rate of the hebbian rule (and oja), against SGD and freeze
   schedule  alpha and shift of the dynamic schedule, with the chosen local rate
   static    c1 and c2 of the static quadratic schedule, with the chosen local rate
+  aggressive  larger alpha/shift, sample_fraction, and freeze on the same schedule
 
 Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 CPU cores).
 """
@@ -42,6 +43,13 @@ STAGES = {
         "quadratic c1 1.0 c2 0.1": {"schedule": "quadratic", "c1": 1.0, "c2": 0.1},
         "quadratic c1 0.5 c2 0.1": {"schedule": "quadratic", "c1": 0.5, "c2": 0.1},
         "quadratic c1 0.75 c2 0.25": {"schedule": "quadratic", "c1": 0.75, "c2": 0.25},
+    },
+    "aggressive": {   # for the trade-off issue: how far the dynamic schedule can be pushed
+        "SGD": {"schedule": "sgd"},
+        "hebbian a0.5 s0.15": {"alpha": 0.5, "shift": 0.15},
+        "hebbian a0.5 s0.15 f0.25": {"alpha": 0.5, "shift": 0.15, "sample_fraction": 0.25},
+        "hebbian a0.5 s0.25": {"alpha": 0.5, "shift": 0.25},
+        "freeze a0.5 s0.15": {"rule": "freeze", "alpha": 0.5, "shift": 0.15},
     },
     "schedule": {
         "SGD": {"schedule": "sgd"},
