@@ -17,6 +17,7 @@ _EXPORTS = {
     "LocalSGDModule": "localsgd_fx.api",
     "compile_localsgd": "localsgd_fx.api",
     "DEFAULT_LOCAL_LR": "localsgd_fx.api",
+    "DEFAULT_SAMPLE_FRACTION": "localsgd_fx.api",
     "LocalRule": "localsgd_fx.rules",
     "register_rule": "localsgd_fx.rules",
     "list_rules": "localsgd_fx.rules",

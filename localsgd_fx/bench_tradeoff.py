@@ -1,10 +1,12 @@
 """``localsgd bench tradeoff``: the time/accuracy trade-off of LoCal+SGD against its baselines.
 
-What it measures: four arms trained side by side on the same data, seeds, epochs and SGD
-hyperparameters - plain SGD, LoCal+SGD with the static quadratic schedule, LoCal+SGD with the
-dynamic schedule (Algorithm 1), and the freeze rule driven by the dynamic schedule. The arms are
-interleaved epoch by epoch (SGD, static, dynamic, freeze, SGD, ...; each keeps its own model,
-optimizer, RNG stream and schedule state) so a busy neighbour on a shared machine slows every arm
+What it measures: five arms trained side by side on the same data, seeds, epochs and SGD
+hyperparameters - plain SGD; LoCal+SGD (hebbian) with the dynamic schedule (Algorithm 1) at the
+library's defaults; the freeze rule on that same schedule; and both again with the ``fast`` preset
+(the schedule moves 25 % of the layers per decision instead of 15 %). Each LoCal arm has a freeze
+twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
+by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
+schedule state) so a busy neighbour on a shared machine slows every arm
 alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,
 the GEMM model's bound on that speedup for the transitions actually taken (DESIGN 1.4), the final
 test accuracy and its difference to SGD in percentage points, the peak activation memory saved
@@ -12,17 +14,19 @@ for backward in a step (CPU; CUDA: peak allocated) over the run and in its last 
 starts on plain SGD, so the peaks match; the last epoch shows what the local prefix saves), and
 the fraction of layer-FLOP-epochs that were local. With several ``--seeds`` the figures are
 mean ± standard deviation over seeds.
-Writes ``tradeoff.json`` and ``tradeoff.png`` (test accuracy vs training wall-clock per arm).
+Writes ``tradeoff.json``, ``tradeoff.png`` (test accuracy vs training wall-clock per arm) and
+``tradeoff_scatter.png`` (Δ accuracy vs speedup per arm, ±1 std over seeds);
+``--from-json runs/tradeoff/tradeoff.json`` re-prints the table (also as Markdown) and redraws them.
 
-Default: ResNet-20 on Fashion-MNIST, 15,000 train / 5,000 test images, 8 epochs, batch 128, one
-seed (32 arm-epochs of 118 steps): measured 21.5 minutes on a shared 2-core box (a plain-SGD
-step takes 0.27 s on idle cores, ~0.5 s on busy ones: 15-35 minutes), inside 60; every extra seed
-adds as much again. Epoch timings include one-time costs and whatever the neighbours do at that
+Default: ResNet-20 on Fashion-MNIST, 10,000 train / 5,000 test images (the main job's training
+subset, a larger test set for less sampling noise), 8 epochs, batch 128, seeds 0 and 1 (80
+arm-epochs of 79 steps): about 40 minutes on the project's 2-core box, inside 60; every extra seed
+adds half as much again. Epoch timings include one-time costs and whatever the neighbours do at that
 moment; the interleaving spreads the latter over the arms but cannot remove it: repeat, or use
 ``--seeds``, before trusting a speedup difference of a few percent.
 ``--quick``: SmallCNN, 512 / 256 images, 3 epochs, batch 64 - a smoke test of a few seconds.
 
-Run: ``localsgd bench tradeoff [--seeds 0 1] [--quick]``.
+Run: ``localsgd bench tradeoff [--seeds 0 1 2] [--arms SGD "LoCal dynamic"] [--model vgg11_bn] [--quick]``.
 """
 from __future__ import annotations
 
@@ -40,18 +44,23 @@ import torch
 from .metrics import format_table
 from .train import Trainer, TrainConfig, load_data
 
-# ---- defaults, in one place: (model, train subset, test subset, epochs, batch size)
-DEFAULT = dict(model="resnet20", train_subset=15000, test_subset=5000, epochs=8, batch_size=128)
+# ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
+DEFAULT = dict(model="resnet20", train_subset=10000, test_subset=5000, epochs=8, batch_size=128)
+DEFAULT_SEEDS = [0, 1]
 QUICK = dict(model="smallcnn", train_subset=512, test_subset=256, epochs=3, batch_size=64)
+#: A more aggressive preset: the dynamic schedule moves 25 % of the layers per decision.
+FAST = {"shift": 0.25}
 #: The arms: name -> TrainConfig fields that differ from the base. The first one is the reference.
+#: Every LoCal arm has a freeze twin on the same schedule: is a local rule better than none?
 ARMS: dict[str, dict[str, Any]] = {
     "SGD": {"schedule": "sgd"},
-    "LoCal static quadratic": {"rule": "hebbian", "schedule": "quadratic"},
     "LoCal dynamic": {"rule": "hebbian", "schedule": "dynamic"},
     "freeze dynamic": {"rule": "freeze", "schedule": "dynamic"},
+    "LoCal dynamic fast": {"rule": "hebbian", "schedule": "dynamic", **FAST},
+    "freeze dynamic fast": {"rule": "freeze", "schedule": "dynamic", **FAST},
 }
 
-__all__ = ["run_tradeoff", "summarise", "main", "ARMS", "DEFAULT", "QUICK"]
+__all__ = ["run_tradeoff", "summarise", "main", "ARMS", "DEFAULT", "DEFAULT_SEEDS", "FAST", "QUICK"]
 
 
 def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[str, Any]] = ARMS,
@@ -103,7 +112,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
     return out
 
 
-def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str) -> str:
+def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str, *, markdown: bool = False) -> str:
     def cell(stat: tuple[float, float], spec: str) -> str:
         mean, std = stat
         return spec.format(mean) + ("" if std != std else " ± " + spec.replace("+", "").format(std))
@@ -114,7 +123,7 @@ def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str) -> str:
              cell(s["local_flop_epochs"], "{:.3f}"), cell(s["final_t"], "{:.0f}"))
             for name, s in summary.items()]
     return format_table(rows, ("arm", "train time (s)", "speedup", "GEMM bound", "test acc (%)", "Δ acc (pp)",
-                               memory_kind, "local FLOP-epochs", "final t"))
+                               memory_kind, "local FLOP-epochs", "final t"), markdown=markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-subset", type=int, help="0 = the whole split")
     parser.add_argument("--test-subset", type=int, help="0 = the whole split")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"one run per seed (default: {DEFAULT_SEEDS}; --quick: [0])")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
+                        help=f"run only these arms, the first is the reference (default: all of {list(ARMS)})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--out", default="runs/tradeoff",
-                        help="folder for tradeoff.json / tradeoff.png (default %(default)s)")
+                        help="folder for tradeoff.json / tradeoff.png / tradeoff_scatter.png (default %(default)s)")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="train nothing: print the table (Markdown too) and redraw the plots of a saved tradeoff.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        _report(saved["runs"], saved["seeds"], saved["config"], Path(args.from_json).parent,
+                memory_kind="CUDA MB peak / last" if "cuda" in saved["machine"] else "saved activ. MB peak / last",
+                markdown=True)
+        return 0
     preset = QUICK if args.quick else DEFAULT
+    args.seeds = args.seeds or ([0] if args.quick else DEFAULT_SEEDS)
+    arms = {name: ARMS[name] for name in args.arms} if args.arms else ARMS
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     for key in ("train_subset", "test_subset"):
         chosen[key] = chosen[key] or None
@@ -144,24 +165,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench tradeoff: {base.model} on {base.dataset}, {_describe(chosen)}, seeds {args.seeds}, arms interleaved "
           f"epoch by epoch; {_machine(base)}")
     start = time.perf_counter()
-    runs = run_tradeoff(base, args.seeds)
-    summary = summarise(runs)
-    memory_kind = "CUDA MB peak / last" if base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available()) \
-        else "saved activ. MB peak / last"
-    print(format_summary(summary, memory_kind))
+    runs = run_tradeoff(base, args.seeds, arms=arms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "tradeoff.json"
-    json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": ARMS, "machine": _machine(base),
-                                     "wall_time_s": time.perf_counter() - start, "summary": summary, "runs": runs},
-                                    indent=1, default=str))
-    from .plots import plot_accuracy_vs_time
-
-    lines = {(name if len(args.seeds) == 1 else f"{name} (seed {s})"): recs
-             for name, per_seed in runs.items() for s, recs in zip(args.seeds, per_seed)}
-    png = plot_accuracy_vs_time(lines, out / "tradeoff.png", title=f"{base.model} {base.dataset}: test accuracy vs time")
-    print(f"wrote {json_path} and {png} ({time.perf_counter() - start:.0f} s in all)")
+    json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms, "machine": _machine(base),
+                                     "wall_time_s": time.perf_counter() - start, "summary": summarise(runs),
+                                     "runs": runs}, indent=1, default=str))
+    cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
+    _report(runs, args.seeds, base.to_dict(), out, memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
+    print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)")
     return 0
+
+
+def _report(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int], config: dict[str, Any], out: Path, *,
+            memory_kind: str, markdown: bool = False) -> None:
+    """Print the summary table and draw tradeoff.png (accuracy vs time) and tradeoff_scatter.png (Δ acc vs speedup)."""
+    from .plots import plot_accuracy_vs_time, plot_tradeoff
+
+    summary = summarise(runs)
+    print(format_summary(summary, memory_kind))
+    if markdown:
+        print()
+        print(format_summary(summary, memory_kind, markdown=True))
+    lines = {(name if len(seeds) == 1 else f"{name} (seed {s})"): recs
+             for name, per_seed in runs.items() for s, recs in zip(seeds, per_seed)}
+    what = f"{config['model']} {config['dataset']}, {config['epochs']} epochs, seeds {seeds}"
+    png = plot_accuracy_vs_time(lines, out / "tradeoff.png", title=f"{what}: test accuracy vs time")
+    scatter = plot_tradeoff(summary, out / "tradeoff_scatter.png", title=what, target=(1.3, -0.5))
+    print(f"wrote {png} and {scatter}")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -132,9 +132,11 @@ class SavedActivationMeter:
         return self.bytes / 2**20
 
 
-def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
-    """A plain fixed-width text table (numbers already formatted by the caller)."""
+def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str], *, markdown: bool = False) -> str:
+    """A plain fixed-width text table, or a Markdown one (numbers already formatted by the caller)."""
     rows = [[str(c) for c in r] for r in rows]
+    if markdown:
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [list(map(str, header)), ["---"] * len(header), *rows])
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths]), *(line(r) for r in rows)])

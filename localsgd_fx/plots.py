@@ -4,6 +4,8 @@
   view), with the local FLOP fraction ``p`` on a second axis.
 * :func:`plot_accuracy_vs_time` - test accuracy against cumulative training wall-clock time, one
   line per run (used by ``train`` for one run and by ``bench tradeoff`` for its arms).
+* :func:`plot_tradeoff` - accuracy change against speedup, one point per arm with its spread over
+  seeds (``bench tradeoff``'s summary): the trade-off at a glance.
 
 Example::
 
@@ -22,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_transition", "plot_accuracy_vs_time"]
+__all__ = ["plot_transition", "plot_accuracy_vs_time", "plot_tradeoff"]
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -67,6 +69,34 @@ def plot_accuracy_vs_time(runs: Mapping[str, Records], path: str | os.PathLike[s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "test accuracy vs wall-clock time")
+    return _save(fig, path)
+
+
+def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "",
+                  target: tuple[float, float] | None = None) -> Path:
+    """Δ test accuracy (pp) against speedup per arm, with ±1 std bars when there are several seeds.
+
+    Args:
+        summary: ``bench tradeoff``'s summary: arm -> {"speedup": (mean, std), "delta_acc_pp": (mean, std), ...}.
+        path: the PNG to write.
+        title: figure title.
+        target: ``(speedup, Δ pp)`` of a goal; draws its corner (at least this fast, at most this loss).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, s in summary.items():
+        (x, dx), (y, dy) = s["speedup"], s["delta_acc_pp"]
+        marker = "s" if "freeze" in name else ("o" if "SGD" not in name else "*")
+        ax.errorbar(x, y, xerr=None if dx != dx else dx, yerr=None if dy != dy else dy, fmt=marker, ms=7,
+                    capsize=3, label=name)
+    if target is not None:
+        ax.axvline(target[0], color="grey", ls=":", lw=1)
+        ax.axhline(target[1], color="grey", ls=":", lw=1)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("end-to-end training speedup over SGD (x)")
+    ax.set_ylabel("test accuracy change vs SGD (pp)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy vs speed")
     return _save(fig, path)
 
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import models_zoo
 
-from .api import DEFAULT_LOCAL_LR, LocalSGDModule, compile_localsgd
+from .api import DEFAULT_LOCAL_LR, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .data import Batches, ImageDataset, load_dataset
@@ -104,7 +104,7 @@ class TrainConfig:
     c2: int | float | None = None
     local_lr: float = DEFAULT_LOCAL_LR
     weak_supervision: str = "sign"
-    sample_fraction: float = 1.0
+    sample_fraction: float = DEFAULT_SAMPLE_FRACTION
     max_local: int | None = None
     # run control
     seed: int = 0

@@ -63,7 +63,7 @@ def test_same_parameter_objects_and_module_type():
 def test_optimizer_built_before_compiling_trains_the_sgd_region():
     model = make(dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="off")
+    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
     lm.set_transition(1)
     before = clone_state(model)
     x = batch(dtype=torch.float64)
@@ -89,7 +89,7 @@ def test_optimizer_built_before_compiling_trains_the_sgd_region():
 
 # ------------------------------------------------------------------------- transitions
 def test_set_transition_rules():
-    lm = compile_localsgd(make(), schedule="manual")
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(2)
     with pytest.raises(LocalSGDError, match="never back"):
         lm.set_transition(1)
@@ -104,7 +104,7 @@ def test_set_transition_rules():
 
 
 def test_graphs_are_cached_per_t_and_re_emitted_when_t_moves():
-    lm = compile_localsgd(make(), schedule="manual")
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     g0 = lm.graph_module
     lm.set_transition(1)
     g1 = lm.graph_module
@@ -158,7 +158,7 @@ def test_untraceable_nested_submodule_is_named_by_its_qualified_name():
 def test_leaf_modules_escape_hatch_compiles_and_runs(leaf):
     torch.manual_seed(0)
     model = Gated()
-    lm = compile_localsgd(model, leaf_modules=(leaf,), schedule="manual", local_lr=0.1)
+    lm = compile_localsgd(model, leaf_modules=(leaf,), schedule="manual", local_lr=0.1, sample_fraction=1.0)
     assert lm.layer_order.names == ["stem", "fc"]           # the leaf's conv stays opaque (SGD)
     lm.set_transition(1)
     w = model.stem.weight.detach().clone()
@@ -260,7 +260,7 @@ def test_state_dict_round_trip_restores_transition_epoch_schedule_and_supervisio
 
 
 def test_state_dict_of_a_different_model_is_refused():
-    lm = compile_localsgd(make(), schedule="manual")
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(1)
     state = lm.state_dict()
 
@@ -273,19 +273,19 @@ def test_state_dict_of_a_different_model_is_refused():
         def forward(self, x):
             return self.head(self.first(x).mean((2, 3)))
 
-    other = compile_localsgd(Other(), schedule="manual")
+    other = compile_localsgd(Other(), schedule="manual", sample_fraction=1.0)
     with pytest.raises(LocalSGDError, match="other layers"):
         other.load_state_dict(state)
     assert other.transition == 0
 
 
 def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
-    lm = compile_localsgd(make(), schedule="manual")
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(2)
     lm.epoch = 9
     state = lm.state_dict()
     torch.manual_seed(0)
-    wide = compile_localsgd(Net(width=5), schedule="manual")
+    wide = compile_localsgd(Net(width=5), schedule="manual", sample_fraction=1.0)
     with pytest.raises((LocalSGDError, RuntimeError)):
         wide.load_state_dict(state)
     assert (wide.transition, wide.epoch) == (0, 0)
@@ -295,7 +295,7 @@ def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
 def test_eval_mode_runs_the_original_model_and_updates_nothing():
     model = make()
     ref = copy.deepcopy(model).eval()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.5)
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.5, sample_fraction=1.0)
     lm.set_transition(2)
     lm.eval()
     before = clone_state(model)
@@ -328,7 +328,7 @@ def test_shared_module_is_one_layer_with_several_sites():
     model = SharedConv().double()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.1, weak_supervision="off",
-                          example_inputs=(x,))
+                          example_inputs=(x,), sample_fraction=1.0)
     first = lm.layer_order.layers[0]
     assert lm.layer_order.names == ["conv_s", "conv_b", "fc"]
     assert first.call_sites == ("conv_s", "conv_s_1", "conv_s_2")
@@ -370,7 +370,7 @@ def test_shared_module_is_one_layer_with_several_sites():
 
 def test_inplace_makes_the_model_itself_run_the_local_forward():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, inplace=True)
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, inplace=True, sample_fraction=1.0)
     lm.set_transition(1)
     x = batch()
     w = model.conv1.weight.detach().clone()
@@ -390,7 +390,7 @@ def test_inplace_makes_the_model_itself_run_the_local_forward():
 
 def test_explain_mentions_the_bound():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", example_inputs=(batch(),))
+    lm = compile_localsgd(model, schedule="manual", example_inputs=(batch(),), sample_fraction=1.0)
     lm.set_transition(2)
     text = lm.explain(print_fn=None)
     p = lm.local_fraction
@@ -401,7 +401,7 @@ def test_explain_mentions_the_bound():
     printed = []
     lm.explain(print_fn=printed.append)
     assert printed == [text]
-    unknown = compile_localsgd(make(), schedule="manual")       # no shapes yet: says so, does not guess
+    unknown = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)       # no shapes yet: says so, does not guess
     assert "?" in unknown.explain(print_fn=None)
     unknown(batch())
     assert unknown.speed_bound == pytest.approx(1.0)
@@ -409,7 +409,7 @@ def test_explain_mentions_the_bound():
 
 def test_first_call_measures_shapes_with_one_extra_forward():
     model = make()
-    lm = compile_localsgd(model, schedule="manual")
+    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
     calls = []
     model.conv1.register_forward_hook(lambda mod, args, out: calls.append(mod.training))
     lm(batch())
@@ -421,7 +421,7 @@ def test_first_call_measures_shapes_with_one_extra_forward():
 
 def test_to_float64_re_emits_graphs_and_runs():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off")
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
     lm.set_transition(1)
     lm(batch())
     g = lm.graph_module
@@ -454,7 +454,7 @@ class WithBuffer(nn.Module):
 def test_to_float64_keeps_get_attr_buffers_in_sync():
     torch.manual_seed(0)
     model = WithBuffer()
-    lm = compile_localsgd(model, schedule="manual")
+    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
     lm.to(torch.float64)
     with torch.no_grad():
         model.offset.fill_(3.0)
@@ -465,7 +465,7 @@ def test_to_float64_keeps_get_attr_buffers_in_sync():
 
 def test_deepcopy_and_state_of_the_wrapper():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1)
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=1.0)
     lm.set_transition(1)
     x = batch()
     lm(x)
@@ -481,8 +481,8 @@ def test_cpu_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
     twin = copy.deepcopy(model)
-    compiled = compile_localsgd(model, schedule="manual", compile=True, local_lr=0.1, weak_supervision="off")
-    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off")
+    compiled = compile_localsgd(model, schedule="manual", compile=True, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
+    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
     compiled.set_transition(1)
     eager.set_transition(1)
     for step in range(3):
@@ -502,8 +502,8 @@ def test_cuda_auto_compiles_and_matches_eager():
     torch.manual_seed(0)
     model = make().cuda()
     twin = copy.deepcopy(model)
-    compiled = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off")  # compile="auto"
-    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off")
+    compiled = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0)  # compile="auto"
+    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
     for lm in (compiled, eager):
         lm.set_transition(2)
     x = batch().cuda()
@@ -516,7 +516,7 @@ def test_cuda_auto_compiles_and_matches_eager():
 @cuda
 def test_cuda_one_compile_per_distinct_t():
     model = make().cuda()
-    lm = compile_localsgd(model, schedule="manual")
+    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
     x = batch().cuda()
     for t in (0, 1, 1, 2, 2):
         lm.set_transition(t)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from localsgd_fx.bench_tradeoff import ARMS
 from localsgd_fx.cli import main
 
 SMALL = ["--model", "smallcnn", "--train-subset", "192", "--test-subset", "128", "--batch-size", "64", "--no-progress"]
@@ -52,12 +53,29 @@ def test_inspect_prints_graph_and_writes_dot(tmp_path, capsys):
 def test_bench_tradeoff_quick(data_dir, tmp_path, capsys):
     assert main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, "--epochs", "2", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    for arm in ("SGD", "LoCal static quadratic", "LoCal dynamic", "freeze dynamic", "speedup", "Δ acc (pp)"):
+    for arm in (*ARMS, "speedup", "Δ acc (pp)"):
         assert arm in text
     report = json.loads((tmp_path / "tradeoff.json").read_text())
-    assert set(report["summary"]) == {"SGD", "LoCal static quadratic", "LoCal dynamic", "freeze dynamic"}
+    assert list(report["summary"]) == list(ARMS) and report["seeds"] == [0]
     assert report["summary"]["SGD"]["speedup"][0] == pytest.approx(1.0)
-    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("tradeoff.png", "tradeoff_scatter.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # Re-rendering a saved run trains nothing and prints the same figures, also as a Markdown table.
+    (tmp_path / "tradeoff_scatter.png").unlink()
+    assert main(["bench", "tradeoff", "--from-json", str(tmp_path / "tradeoff.json")]) == 0
+    again = capsys.readouterr().out
+    sgd_row = next(line for line in text.splitlines() if line.startswith("SGD "))
+    assert sgd_row in again and "| SGD | " in again and "| --- |" in again
+    assert (tmp_path / "tradeoff_scatter.png").exists()
+
+
+def test_bench_tradeoff_arms_subset(data_dir, tmp_path, capsys):
+    assert main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, "--epochs", "1", "--out", str(tmp_path),
+                 "--arms", "SGD", "freeze dynamic"]) == 0
+    assert list(json.loads((tmp_path / "tradeoff.json").read_text())["summary"]) == ["SGD", "freeze dynamic"]
+    with pytest.raises(SystemExit):
+        main(["bench", "tradeoff", "--quick", "--arms", "no such arm"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_bad_names_list_the_valid_ones(data_dir, tmp_path, capsys):

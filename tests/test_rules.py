@@ -273,7 +273,7 @@ def test_non_finite_update_through_compiled_module_names_the_layer():
     model.add_module("pool", nn.AdaptiveAvgPool2d(1))
     model.add_module("flat", nn.Flatten())
     model.add_module("head", nn.Linear(2, 2))
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1)
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=1.0)
     lm.set_transition(1)
     x = torch.randn(2, 1, 6, 6)
     x[1, 0, 0, 0] = float("inf")
@@ -316,7 +316,7 @@ def test_user_rule_through_compile_localsgd_by_name():
     model = _tiny_net()
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     lm = compile_localsgd(model, rule="signed_hebbian_test", schedule="manual", local_lr=0.2, weak_supervision="off",
-                          example_inputs=(x,))
+                          example_inputs=(x,), sample_fraction=1.0)
     lm.set_transition(1)
     assert "'signed_hebbian_test'" in lm.graph_module.code
     w_old = model[0].weight.detach().clone()
@@ -332,7 +332,7 @@ def test_user_rule_through_compile_localsgd_by_name():
 def test_rule_instance_with_parameters_and_zero_gemm_rule():
     model = _tiny_net()
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    lm = compile_localsgd(model, rule=SoftHebb(tau=0.3), schedule="manual", local_lr=0.2, weak_supervision="off")
+    lm = compile_localsgd(model, rule=SoftHebb(tau=0.3), schedule="manual", local_lr=0.2, weak_supervision="off", sample_fraction=1.0)
     lm.set_transition(1)
     assert repr(SoftHebb(tau=0.3)) in lm.graph_module.code
     w_old = model[0].weight.detach().clone()
@@ -342,7 +342,7 @@ def test_rule_instance_with_parameters_and_zero_gemm_rule():
     assert_close(model[0].weight.detach(), ref_new_weight("softhebb", w_old, geom, geom.flat(y), 0.2, tau=0.3))
 
     register_rule(NoOp())
-    lm = compile_localsgd(model, rule="noop_test", schedule="manual")
+    lm = compile_localsgd(model, rule="noop_test", schedule="manual", sample_fraction=1.0)
     lm.set_transition(1)
     w_old = model[0].weight.detach().clone()
     lm(x)
@@ -358,7 +358,7 @@ def test_registry_errors_and_keys():
     with pytest.raises(ValueError, match="unknown local rule"):
         get_rule("no_such_rule")
     with pytest.raises(ValueError, match="unknown local rule"):
-        compile_localsgd(_tiny_net(), rule="no_such_rule")
+        compile_localsgd(_tiny_net(), rule="no_such_rule", sample_fraction=1.0)
     with pytest.raises(TypeError):
         register_rule(object())
     with pytest.raises(ValueError, match="tau"):
