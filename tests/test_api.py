@@ -235,7 +235,8 @@ def test_dynamic_schedule_default_string():
 
 def test_state_dict_round_trip_restores_transition_epoch_schedule_and_supervision():
     model = make()
-    lm = compile_localsgd(model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1), weak_supervision="sign")
+    lm = compile_localsgd(model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1), weak_supervision="sign",
+                          sample_fraction=1.0)
     _train_epoch(lm, model, {"conv1": 0.1, "conv2": 0.1, "fc": 0.1}, losses=(1.0, 2.0))
     _train_epoch(lm, model, {"conv1": 0.001, "conv2": 0.1, "fc": 0.1}, losses=(2.0, 3.0))
     assert lm.transition == 1
@@ -243,7 +244,7 @@ def test_state_dict_round_trip_restores_transition_epoch_schedule_and_supervisio
     state = copy.deepcopy(lm.state_dict())
 
     fresh_model = make(seed=5)
-    fresh = compile_localsgd(fresh_model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1))
+    fresh = compile_localsgd(fresh_model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1), sample_fraction=1.0)
     fresh.load_state_dict(state)
     assert fresh.transition == 1 and fresh.epoch == 2
     assert fresh.schedule.state_dict() == lm.schedule.state_dict()

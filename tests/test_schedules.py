@@ -243,7 +243,7 @@ def test_dynamic_fractional_shift_moves_and_clips():
 def test_dynamic_defaults_visible():
     s = make_schedule("dynamic")
     assert isinstance(s, Dynamic)
-    assert (s.alpha, s.shift) == (DYNAMIC_DEFAULT_ALPHA, DYNAMIC_DEFAULT_SHIFT) == (0.5, 0.15)
+    assert (s.alpha, s.shift) == (DYNAMIC_DEFAULT_ALPHA, DYNAMIC_DEFAULT_SHIFT) == (0.3, 0.1)
     assert s.beta == 0.9
 
 
