@@ -20,7 +20,7 @@ Writes ``tradeoff.json``, ``tradeoff.png`` (test accuracy vs training wall-clock
 
 Default: ResNet-20 on Fashion-MNIST, 10,000 train / 5,000 test images (the main job's training
 subset, a larger test set for less sampling noise), 8 epochs, batch 128, seeds 0 and 1 (80
-arm-epochs of 79 steps): about 40 minutes on the project's 2-core box, inside 60; every extra seed
+arm-epochs of 79 steps): measured 35.8 minutes on the project's 2-core box, inside 60; every extra seed
 adds half as much again. Epoch timings include one-time costs and whatever the neighbours do at that
 moment; the interleaving spreads the latter over the arms but cannot remove it: repeat, or use
 ``--seeds``, before trusting a speedup difference of a few percent.
