@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from localsgd_fx.bench_tradeoff import summarise
+from localsgd_fx.bench_tradeoff import seed_lines, summarise
 from localsgd_fx.plots import plot_accuracy_vs_time, plot_tradeoff
 
 
@@ -34,14 +34,11 @@ def main() -> None:
         runs = {rename.get(name, name): seeds for name, seeds in saved["runs"].items()}
         summary = summarise(runs)
         merged.update({name: s for name, s in summary.items() if name != "SGD" or not merged})
-        cfg = saved["config"]
-        lines = {f"{name} (seed {seed})": recs for name, per_seed in runs.items()
-                 for seed, recs in zip(saved["seeds"], per_seed)}
-        plot_accuracy_vs_time(lines, out / f"{args.name}_accuracy_vs_time_{i}.png",
+        cfg, seeds = saved["config"], saved["seeds"]
+        plot_accuracy_vs_time(seed_lines(runs, seeds), out / f"{args.name}_accuracy_vs_time_{i}.png",
                               title=f"{cfg['model']} {cfg['dataset']}: test accuracy vs training time")
-    cfg_seeds = json.loads(Path(args.runs[0]).read_text())["seeds"]
     png = plot_tradeoff(merged, out / f"{args.name}_tradeoff.png", target=(1.3, -0.5),
-                        title=f"{cfg['model']} {cfg['dataset']}, {cfg['epochs']} epochs, seeds {cfg_seeds} (±1 std)")
+                        title=f"{cfg['model']} {cfg['dataset']}, {cfg['epochs']} epochs, seeds {seeds} (±1 std)")
     print(f"wrote {png} and {len(args.runs)} accuracy-vs-time plots in {out}")
 
 

@@ -6,8 +6,9 @@ SGD (``t = 0``), on this machine's device. All arms share one model and are time
 (SGD, t1, t2, ..., SGD, t1, ...) so a busy neighbour slows every arm alike; medians are reported.
 Printed per ``t``: the local FLOP fraction ``p``, the measured step-time ratio to plain SGD, the
 GEMM-model bound on that ratio (``(3-(2-f)p)/3`` for 1-GEMM rules whose update uses a fraction
-``f`` of the batch - ``(3-p)/3`` at ``f = 1`` - and ``(3-2p)/3`` for ``freeze``; DESIGN 1.4), their quotient (1.00 = at the bound), and the activation memory saved for backward
-(CPU; on CUDA also the peak allocated memory).
+``f`` of the batch - ``(3-p)/3`` at ``f = 1`` - and ``(3-2p)/3`` for ``freeze``; DESIGN 1.4),
+their quotient (1.00 = at the bound), and the activation memory saved for backward (CPU; on CUDA
+also the peak allocated memory).
 
 Run: ``python -m localsgd_fx.bench step --model resnet20`` (or ``localsgd bench step``).
 """
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .api import DEFAULT_SAMPLE_FRACTION
 
 # ---- defaults, in one place
 MODEL, BATCH, IN_CHANNELS, IMAGE_SIZE, REPEATS, WARMUP = "resnet20", 128, 1, 28, 7, 2
@@ -65,17 +68,13 @@ def default_transitions(n_layers: int, max_local: int) -> list[int]:
 
 def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = None, rule: str = "hebbian",
                   batch: int = BATCH, in_channels: int = IN_CHANNELS, image_size: int = IMAGE_SIZE,
-                  repeats: int = REPEATS, warmup: int = WARMUP, sample_fraction: float | None = None,
+                  repeats: int = REPEATS, warmup: int = WARMUP, sample_fraction: float = DEFAULT_SAMPLE_FRACTION,
                   device: str = "cpu", compile: bool | str = False, seed: int = 0) -> list[StepRow]:
     """Measure step time and memory of plain SGD and of LoCal+SGD at each ``t`` (interleaved)."""
     import models_zoo
     from localsgd_fx import compile_localsgd
     from passes.inspection import speed_bound
 
-    from localsgd_fx.api import DEFAULT_SAMPLE_FRACTION
-
-    if sample_fraction is None:
-        sample_fraction = DEFAULT_SAMPLE_FRACTION
     torch.manual_seed(seed)
     net = models_zoo.get_model(model_name, num_classes=10, in_channels=in_channels).to(device)
     x = torch.randn(batch, in_channels, image_size, image_size, device=device)
@@ -159,14 +158,12 @@ def main_step(argv: list[str] | None = None) -> int:
     parser.add_argument("--transitions", type=int, nargs="*", help="values of t (default: 5 spread up to max_local)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--sample-fraction", type=float, help="local update from this fraction of the batch (default: the library's)")
+    parser.add_argument("--sample-fraction", type=float, default=DEFAULT_SAMPLE_FRACTION,
+                        help="local update from this fraction of the batch (default %(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    if args.sample_fraction is None:
-        from localsgd_fx.api import DEFAULT_SAMPLE_FRACTION
-        args.sample_fraction = DEFAULT_SAMPLE_FRACTION
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     compile = {"auto": "auto", "on": True, "off": False}[args.compile]
     rows = measure_steps(args.model, transitions=args.transitions, rule=args.rule, batch=args.batch_size,

@@ -2,8 +2,9 @@
 
 What it measures: five arms trained side by side on the same data, seeds, epochs and SGD
 hyperparameters - plain SGD; LoCal+SGD (hebbian) with the dynamic schedule (Algorithm 1) at the
-library's defaults; the freeze rule on that same schedule; and both again with the ``fast`` preset
-(the schedule moves 25 % of the layers per decision instead of 15 %). Each LoCal arm has a freeze
+library's defaults (alpha 0.3, 10 % of the layers per move); the freeze rule on that same
+schedule; and both again with the ``fast`` preset (alpha 0.5, 15 % per move). ``--arms`` also
+offers the ``fastest`` preset (alpha 0.5, 25 %). Each LoCal arm has a freeze
 twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
 by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
 schedule state) so a busy neighbour on a shared machine slows every arm
@@ -37,7 +38,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -66,7 +67,12 @@ ARMS: dict[str, dict[str, Any]] = {
 #: The arms run when ``--arms`` is not given.
 DEFAULT_ARMS = ("SGD", "LoCal dynamic", "freeze dynamic", "LoCal fast", "freeze fast")
 
-__all__ = ["run_tradeoff", "summarise", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS", "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK"]
+
+def select_arms(names: Sequence[str] = DEFAULT_ARMS) -> dict[str, dict[str, Any]]:
+    """``{name: overrides}`` of the named arms of :data:`ARMS`, in the given order."""
+    return {name: ARMS[name] for name in names}
+
+__all__ = ["run_tradeoff", "summarise", "select_arms", "seed_lines", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS", "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK"]
 
 
 def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[str, Any]] | None = None,
@@ -76,7 +82,7 @@ def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[st
     Returns:
         ``{arm name: [per-epoch records of seed 0, of seed 1, ...]}``.
     """
-    arms = arms if arms is not None else {name: ARMS[name] for name in DEFAULT_ARMS}
+    arms = arms if arms is not None else select_arms()
     data = load_data(base)
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in arms}
     for seed in seeds:
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     preset = QUICK if args.quick else DEFAULT
     args.seeds = args.seeds or ([0] if args.quick else DEFAULT_SEEDS)
-    arms = {name: ARMS[name] for name in (args.arms or DEFAULT_ARMS)}
+    arms = select_arms(args.arms or DEFAULT_ARMS)
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()}
     for key in ("train_subset", "test_subset"):
         chosen[key] = chosen[key] or None
@@ -173,21 +179,24 @@ def main(argv: list[str] | None = None) -> int:
           f"epoch by epoch; {_machine(base)}")
     start = time.perf_counter()
     runs = run_tradeoff(base, args.seeds, arms=arms)
+    wall_time_s = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
+    summary = _report(runs, args.seeds, base.to_dict(), out,
+                      memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
     json_path = out / "tradeoff.json"
     json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms, "machine": _machine(base),
-                                     "wall_time_s": time.perf_counter() - start, "summary": summarise(runs),
-                                     "runs": runs}, indent=1, default=str))
-    cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
-    _report(runs, args.seeds, base.to_dict(), out, memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
+                                     "wall_time_s": wall_time_s, "summary": summary, "runs": runs},
+                                    indent=1, default=str))
     print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)")
     return 0
 
 
 def _report(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int], config: dict[str, Any], out: Path, *,
-            memory_kind: str, markdown: bool = False) -> None:
-    """Print the summary table and draw tradeoff.png (accuracy vs time) and tradeoff_scatter.png (Δ acc vs speedup)."""
+            memory_kind: str, markdown: bool = False) -> dict[str, dict[str, Any]]:
+    """Print the summary table, draw tradeoff.png (accuracy vs time) and tradeoff_scatter.png
+    (Δ acc vs speedup), and return the summary."""
     from .plots import plot_accuracy_vs_time, plot_tradeoff
 
     summary = summarise(runs)
@@ -195,12 +204,17 @@ def _report(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int], confi
     if markdown:
         print()
         print(format_summary(summary, memory_kind, markdown=True))
-    lines = {(name if len(seeds) == 1 else f"{name} (seed {s})"): recs
-             for name, per_seed in runs.items() for s, recs in zip(seeds, per_seed)}
     what = f"{config['model']} {config['dataset']}, {config['epochs']} epochs, seeds {seeds}"
-    png = plot_accuracy_vs_time(lines, out / "tradeoff.png", title=f"{what}: test accuracy vs time")
+    png = plot_accuracy_vs_time(seed_lines(runs, seeds), out / "tradeoff.png", title=f"{what}: test accuracy vs time")
     scatter = plot_tradeoff(summary, out / "tradeoff_scatter.png", title=what, target=(1.3, -0.5))
     print(f"wrote {png} and {scatter}")
+    return summary
+
+
+def seed_lines(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """One plot line per arm and seed: ``{"arm (seed s)": records}`` (just the arm with a single seed)."""
+    return {(name if len(seeds) == 1 else f"{name} (seed {s})"): recs
+            for name, per_seed in runs.items() for s, recs in zip(seeds, per_seed)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -64,12 +64,8 @@ def plot_accuracy_vs_time(runs: Mapping[str, Records], path: str | os.PathLike[s
     for name, records in runs.items():
         ax.plot([r["elapsed_train_s"] for r in records], [100 * _num(r["test_acc"]) for r in records],
                 marker="o", ms=3, label=name)
-    ax.set_xlabel("training wall-clock time (s, evaluation excluded)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "test accuracy vs wall-clock time")
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="training wall-clock time (s, evaluation excluded)",
+                   ylabel="test accuracy (%)", title=title or "test accuracy vs wall-clock time")
 
 
 def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = "",
@@ -92,11 +88,17 @@ def plot_tradeoff(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
         ax.axvline(target[0], color="grey", ls=":", lw=1)
         ax.axhline(target[1], color="grey", ls=":", lw=1)
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_xlabel("end-to-end training speedup over SGD (x)")
-    ax.set_ylabel("test accuracy change vs SGD (pp)")
+    return _finish(fig, ax, path, xlabel="end-to-end training speedup over SGD (x)",
+                   ylabel="test accuracy change vs SGD (pp)", title=title or "accuracy vs speed")
+
+
+def _finish(fig: Any, ax: Any, path: str | os.PathLike[str], *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid, legend and title of a one-axis plot, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "accuracy vs speed")
+    ax.set_title(title)
     return _save(fig, path)
 
 

@@ -358,7 +358,7 @@ def test_registry_errors_and_keys():
     with pytest.raises(ValueError, match="unknown local rule"):
         get_rule("no_such_rule")
     with pytest.raises(ValueError, match="unknown local rule"):
-        compile_localsgd(_tiny_net(), rule="no_such_rule", sample_fraction=1.0)
+        compile_localsgd(_tiny_net(), rule="no_such_rule")
     with pytest.raises(TypeError):
         register_rule(object())
     with pytest.raises(ValueError, match="tau"):
