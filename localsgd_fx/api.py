@@ -6,7 +6,6 @@ state in its ``state_dict`` so that training resumes exactly.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,7 +22,8 @@ from passes.trace import trace
 
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
-from .schedules import EpochStats, Schedule, make_schedule
+from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
+from .schedules import EpochStats, Manual, PlainSGD, Schedule, make_schedule
 from .supervision import WeakSupervision
 
 DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
@@ -32,7 +32,7 @@ DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 c
 #: "Pushing the dynamic schedule": 1.34x at -0.40 pp vs 1.19x at -0.50 pp with the full batch).
 DEFAULT_SAMPLE_FRACTION = 0.25
 STATE_VERSION = 1
-_EVAL = 0   # eval mode runs the untouched traced graph, i.e. the t = 0 graph
+_EVAL = "eval"   # runner key of eval mode: the untouched traced graph, always eager (see _build_runner)
 
 
 class LocalSGDModule(nn.Module):
@@ -50,16 +50,23 @@ class LocalSGDModule(nn.Module):
         self.model = model
         self.supervision = supervision
         self.rule, self.schedule = rule, schedule
-        self.compile_mode = compile
+        self.compile_mode = compile_mode(compile)
         self.max_local, self.sample_fraction, self.check_finite = max_local, sample_fraction, check_finite
+        self.total_epochs = total_epochs
         self.transition, self.epoch = 0, 0
         self.history: list[dict[str, Any]] = []
-        self.compile_count, self.compile_seconds = 0, 0.0
+        # compile accounting (runtime.CompileClock adds to these): graphs compiled, seconds, events by trigger
+        self.compile_count, self.compile_seconds, self.compile_events = 0, 0.0, {}
+        self.auto_compile: AutoCompile | None = None     # made at the first train step under compile="auto"
+        # step counts for the auto policy's estimate of the steps left at a transition
+        self._steps_this_epoch, self._steps_per_epoch, self._epochs_at_transition = 0, 0, 0
+        # device-side guard: refused (non-finite) updates per layer, read once per epoch
+        self.register_buffer("nonfinite_updates", torch.zeros(len(order), dtype=torch.int32), persistent=False)
         # plain attributes, not submodules: they share the model's modules, and are rebuilt on demand
         self.__dict__["_traced"] = traced
         self.__dict__["_order"] = order
         self.__dict__["_graphs"] = {}       # t -> rewritten GraphModule
-        self.__dict__["_runners"] = {}      # t -> callable (the graph, or its torch.compile)
+        self.__dict__["_runners"] = {}      # t or _EVAL -> callable (the graph, or a _Runner with its torch.compile)
         self.__dict__["_epoch_start"] = {}  # layer index -> weight at the start of the epoch
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
         schedule.bind(len(order), max_local, total_epochs)
@@ -71,6 +78,10 @@ class LocalSGDModule(nn.Module):
             self._measure_flops(args, kwargs)
         # the model's own flag too: with inplace=True users call model.eval(), which never reaches this wrapper
         key = self.transition if self.training and self.model.training else _EVAL
+        if key != _EVAL:
+            self._steps_this_epoch += 1
+            if self.compile_mode == "auto":
+                self._auto_step(key)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._build_runner(key)
@@ -82,8 +93,48 @@ class LocalSGDModule(nn.Module):
         """Feed the step's training loss to weak supervision (sets the next step's local rate)."""
         self.supervision.observe(loss)
 
+    def check_updates(self) -> None:
+        """Raise :class:`LocalSGDError` if local updates were refused as non-finite since the last check.
+
+        Reads the device-side counters (one device-to-host copy); :meth:`end_epoch` calls it, call it
+        more often to stop sooner. A refused update left its weight unchanged.
+        """
+        counts = self.nonfinite_updates.tolist()
+        if not any(counts):
+            return
+        self.nonfinite_updates.zero_()
+        bad = ", ".join(f"{self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
+        advice = "Lower local_lr or check the inputs for inf/NaN"
+        if self.rule.key != "hebbian":
+            advice += ", or use rule='hebbian' (norm-preserving)"
+        raise LocalSGDError(
+            f"non-finite local updates were refused in epoch {self.epoch + 1} for layer {bad}: those weights kept their "
+            f"previous values, but the SGD layers and BatchNorm statistics saw the same batches. {advice}.")
+
+    def expected_steps_at_transition(self) -> int:
+        """How many more training steps the current ``t`` is expected to run (for ``compile="auto"``).
+
+        The rest of this epoch, plus whole epochs: all that are left when the schedule cannot move ``t``
+        any more, else as many as ``t`` has lasted already (a run that held ``t`` for k epochs is
+        expected to hold it about k more), never past ``total_epochs``.
+        """
+        per_epoch = max(self._steps_per_epoch, self._steps_this_epoch)
+        left_this_epoch = max(0, per_epoch - self._steps_this_epoch)
+        stuck = isinstance(self.schedule, (PlainSGD, Manual)) or self.transition >= self.max_local
+        epochs_left = None if self.total_epochs is None else max(0, self.total_epochs - self.epoch - 1)
+        if stuck:
+            more = epochs_left if epochs_left is not None else max(1, self.epoch)
+        else:
+            more = self._epochs_at_transition if epochs_left is None else min(epochs_left, self._epochs_at_transition)
+        return left_this_epoch + per_epoch * more
+
     def end_epoch(self) -> int:
-        """Run learning-mode selection at the end of an epoch; returns the (possibly new) ``t``."""
+        """Run learning-mode selection at the end of an epoch; returns the (possibly new) ``t``.
+
+        Raises :class:`LocalSGDError` first if local updates were refused as non-finite this epoch.
+        """
+        if self.check_finite:
+            self.check_updates()
         norms = {}
         for layer in self._order.layers[self.transition:]:
             start = self._epoch_start.get(layer.index)
@@ -96,6 +147,11 @@ class LocalSGDModule(nn.Module):
         before = self.transition
         if new_t != before:
             self.set_transition(new_t)
+        self._steps_per_epoch = max(self._steps_per_epoch, self._steps_this_epoch)
+        self._steps_this_epoch = 0
+        self._epochs_at_transition = 0 if self.transition != before else self._epochs_at_transition + 1
+        if self.auto_compile is not None:
+            self.auto_compile.reconsider(self.transition, self)
         self._snapshot_sgd_weights()
         self.history.append({"epoch": self.epoch, "transition_before": before, "transition": self.transition,
                              "update_norm": norms.get(before), **self.schedule.log_stats()})
@@ -142,7 +198,8 @@ class LocalSGDModule(nn.Module):
         """The rewritten GraphModule for transition ``t`` (cached)."""
         if t not in self._graphs:
             spec = LocalUpdateSpec(op=LOCAL_UPDATE, lr=self.supervision.lr, rule=self.rule.key,
-                                   sample_fraction=self.sample_fraction, check_finite=self.check_finite)
+                                   sample_fraction=self.sample_fraction,
+                                   nonfinite=self.nonfinite_updates if self.check_finite else None)
             self._graphs[t] = self._traced if t == 0 else rewrite(self._traced, self._order, t, spec)
         return self._graphs[t]
 
@@ -150,7 +207,18 @@ class LocalSGDModule(nn.Module):
         """Per-epoch figures for logging: t, local FLOP fraction, schedule statistics, local rate."""
         return {"transition": self.transition, "local_fraction": self.local_fraction, "speed_bound": self.speed_bound,
                 "local_lr": float(self.supervision.lr), "compile_count": self.compile_count,
-                "compile_seconds": self.compile_seconds, **self.schedule.log_stats()}
+                "compile_seconds": self.compile_seconds, "compiled": self.is_compiled(self.transition),
+                **self.schedule.log_stats()}
+
+    def is_compiled(self, t: int) -> bool:
+        """Whether training steps at ``t`` run a compiled graph (now, for the batch size it was built for)."""
+        runner = self._runners.get(t)
+        return isinstance(runner, _Runner) and runner.compiled is not None
+
+    @property
+    def compile_decisions(self) -> list:
+        """The choices ``compile="auto"`` made, with their figures (:class:`~localsgd_fx.runtime.CompileDecision`)."""
+        return list(self.auto_compile.decisions) if self.auto_compile is not None else []
 
     def explain(self, *, print_fn: Callable[[str], None] | None = print) -> str:
         """The per-layer map, the local FLOP fraction, the 3/(3-p) bound and compile figures."""
@@ -161,8 +229,9 @@ class LocalSGDModule(nn.Module):
             layer_table(self._order, self.transition),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (DESIGN 1.4)",
-            f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s, first calls included); "
-            f"compile={self.compile_mode!r}",
+            f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
+            f"CUDA-graph recording); compile={self.compile_mode!r}",
+            *(d.line() for d in self.compile_decisions),
         ])
         if print_fn is not None:
             print_fn(text)
@@ -219,28 +288,36 @@ class LocalSGDModule(nn.Module):
             return
         self.__dict__["_order"] = find_layers(self._traced, args)   # propagates shapes once
 
-    def _should_compile(self) -> bool:
-        if self.compile_mode == "auto":
-            return next(self.model.parameters()).is_cuda
-        return bool(self.compile_mode)
+    def _device_type(self) -> str:
+        return self.supervision.lr.device.type
 
-    def _build_runner(self, key: int) -> Callable:
+    def _auto_step(self, t: int) -> None:
+        """``compile="auto"``: let the policy time this step and switch ``t``'s runner when it decides."""
+        if self.auto_compile is None:
+            device = self._device_type()
+            self.auto_compile = AutoCompile(device, "reduce-overhead" if device == "cuda" else "on")
+        choice = self.auto_compile.before_step(t, self)
+        if choice == "compile" and not self.is_compiled(t):
+            self._build_runner(t, compile=self.auto_compile.mode)
+            self.auto_compile.compiled(t, self)
+        elif choice == "eager" and self.is_compiled(t):      # measured no faster than eager: drop it
+            self._runners[t] = self.graph_for(t)
+
+    def _build_runner(self, key: int | str, compile: str | None = None) -> Callable:
+        """The callable for a runner key. Eval mode always runs the untouched graph eagerly: evaluation is a
+        small share of a run, and compiling it would cost a graph per evaluation batch shape."""
+        if key == _EVAL:
+            self._runners[key] = self._traced
+            return self._traced
         graph = self.graph_for(key)
-        if not self._should_compile():
+        mode = compile or self.compile_mode
+        if mode in ("off", "auto"):     # auto: eager until AutoCompile says compiling pays
             self._runners[key] = graph
             return graph
-        compiled = torch.compile(graph)
-
-        def first_call(*args, **kwargs):     # torch.compile is lazy: time the first call
-            start = time.perf_counter()
-            out = compiled(*args, **kwargs)
-            self.compile_seconds += time.perf_counter() - start
-            self._runners[key] = compiled
-            return out
-
+        CompileClock.install()
         self.compile_count += 1
-        self._runners[key] = first_call
-        return first_call
+        runner = self._runners[key] = _Runner(self, graph, torch_compile(graph, mode))
+        return runner
 
     def _apply(self, fn, recurse=True):
         # moving/casting may replace tensors (buffers always, the local rate among them): point the traced
@@ -261,7 +338,27 @@ class LocalSGDModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_graphs"], state["_runners"] = {}, {}   # compiled callables do not copy or pickle
+        state["auto_compile"] = None
         return state
+
+
+class _Runner:
+    """A compiled graph, specialised to the batch size of its first call; other sizes (a partial last
+    batch) run the eager graph rather than compile another one."""
+
+    __slots__ = ("owner", "graph", "compiled", "batch")
+
+    def __init__(self, owner: LocalSGDModule, graph: fx.GraphModule, compiled: Callable):
+        self.owner, self.graph, self.compiled, self.batch = owner, graph, compiled, None
+
+    def __call__(self, *args, **kwargs):
+        size = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
+        if self.batch is None:
+            self.batch = size
+        elif size != self.batch:
+            return self.graph(*args, **kwargs)
+        CompileClock.active(self.owner)    # compiles triggered from here on (this forward, its backward) are ours
+        return self.compiled(*args, **kwargs)
 
 
 def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", schedule: str | Schedule | Callable = "dynamic",
@@ -282,15 +379,19 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
         weak_supervision: ``"sign"`` (default), ``"scale"`` or ``"off"``.
         example_inputs: a tuple of inputs used once for FLOP counts; without it they are taken
             from the first call.
-        compile: ``"auto"`` (``torch.compile`` on CUDA only), ``True`` or ``False``.
+        compile: ``"auto"`` (default: eager, and ``torch.compile`` with CUDA graphs for a transition only when
+            the measured saving pays for the compile; never on a CPU unless it measures a win),
+            ``"on"``/``True`` (``torch.compile``), ``"reduce-overhead"`` (``torch.compile`` with CUDA graphs:
+            one replay for the forward, local updates included, and one for the backward) or ``"off"``/``False``.
         max_local: the most layers ever local (default: all but the last, the classifier).
         leaf_modules: submodule names or classes to keep opaque (untraceable parts; their layers stay SGD).
         inplace: also make ``model(...)`` itself run the LoCal+SGD forward.
         total_epochs: the run length, needed by static schedules.
         sample_fraction: compute each local update from this fraction of the batch (a random
             subset, at least one sample; 1.0 = the whole batch, deterministic).
-        check_finite: refuse non-finite local updates with a :class:`LocalSGDError` (one host
-            sync per local layer per step on CUDA).
+        check_finite: refuse non-finite local updates: the weight keeps its value, a device-side counter
+            records it, and :meth:`~LocalSGDModule.end_epoch` (or ``check_updates()``) raises
+            :class:`LocalSGDError` naming the layers. No host sync in the step.
 
     Returns:
         A :class:`LocalSGDModule` sharing ``model``'s parameters.
@@ -301,8 +402,7 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
         >>> loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); model.observe_loss(loss)
         >>> model.end_epoch()   # once per epoch
     """
-    if compile not in ("auto", True, False):
-        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+    compile = compile_mode(compile)
     if not isinstance(sample_fraction, (int, float)) or not 0.0 < sample_fraction <= 1.0:
         raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction!r}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):

@@ -46,15 +46,25 @@ class Geometry:
         return y.reshape(-1, y.shape[-1]) if self.is_linear else y
 
     def correlate(self, post: Tensor) -> Tensor:
-        """``<post ⊗ X>``: shape of the weight, averaged over batch and output positions."""
-        if self.is_linear:
-            return post.t().mm(self.x) / post.shape[0]
+        """``<post ⊗ X>``: shape of the weight, averaged over batch and output positions.
+
+        The GEMM runs in ``post``'s dtype (the autocast dtype under autocast: the GEMM the update
+        saves would have run in it too); the result is in the weight's dtype.
+        """
+        dtype = post.dtype
+        x = self.x.to(dtype)
         count = post.numel() // post.shape[1]
+        if dtype == torch.float16:
+            # fp16 tops out at 65504: a sum over N·H·W positions overflows, so average inside the GEMM
+            scale = count ** -0.5
+            post, x, count = post * scale, x * scale, 1
+        if self.is_linear:
+            return (post.t().mm(x) / count).to(self._weight.dtype)
         dims = len(self.stride)
         grad_w = torch.ops.aten.convolution_backward(
-            post, self.x, self._weight, None, self.stride, self.padding, self.dilation, False, [0] * dims,
+            post, x, self._weight.to(dtype), None, self.stride, self.padding, self.dilation, False, [0] * dims,
             self.groups, [False, True, False])[1]
-        return grad_w / count
+        return (grad_w / count).to(self._weight.dtype)
 
     def channel_mean(self, t: Tensor) -> Tensor:
         """Per-output-channel mean of ``t`` (shaped like ``Y``), shaped to broadcast against the weight."""

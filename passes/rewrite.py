@@ -7,8 +7,8 @@ prefix is recorded by autograd, so nothing of it is saved for backward and back-
 at the junction. ``t = 0`` gives a copy of the original graph.
 
 The fused op is passed in (:class:`LocalUpdateSpec`), so this pass stays free of training state;
-``localsgd_fx.ops.local_update`` is the one the library uses. It must declare that it mutates its
-weight argument, which keeps the node alive through dead-code elimination and ``torch.compile``.
+``localsgd_fx.ops.local_update`` is the one the library uses: a plain function of torch ops, so
+``torch.compile`` traces into it. Its output is the layer's output, so dead-code elimination keeps it.
 """
 from __future__ import annotations
 
@@ -32,18 +32,20 @@ PARTITION_META = "localsgd_partition"
 class LocalUpdateSpec:
     """What a fused local-update node calls.
 
-    ``op(x, weight, bias, lr, rule, stride, padding, dilation, groups, sample_fraction, check_finite, layer)``
+    ``op(x, weight, bias, lr, rule, stride, padding, dilation, groups, sample_fraction, nonfinite, layer_index)``
     returns the layer output computed with the weight as it was, and updates ``weight`` in place.
     ``lr`` is read from the attribute ``lr_attr`` of the emitted module (a 0-dim tensor, so a changing
-    learning rate never changes the graph).
+    learning rate never changes the graph); ``nonfinite`` (per-layer counters of refused updates, or
+    None for no guard) from ``nonfinite_attr``.
     """
 
     op: Callable
     lr: torch.Tensor
     rule: str
     sample_fraction: float = 1.0
-    check_finite: bool = True
+    nonfinite: torch.Tensor | None = None
     lr_attr: str = "localsgd_lr"
+    nonfinite_attr: str = "localsgd_nonfinite"
 
 
 def detach_crossing(value):
@@ -101,7 +103,7 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, object] = {}
-    lr_node: list[fx.Node] = []   # one get_attr of the rate, made at the first local call
+    shared: dict[str, fx.Node | None] = {}   # get_attr nodes of the rate and the guard, made at the first local call
 
     def get_attr(target: str, value=None) -> fx.Node:
         attrs[target] = _fetch(gm, target) if value is None else value
@@ -119,10 +121,11 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
         weight = get_attr(f"{layer.name}.weight")
         bias = get_attr(f"{layer.name}.bias") if module.bias is not None else None
         if local:
-            if not lr_node:
-                lr_node.append(get_attr(spec.lr_attr, spec.lr))
-            args = (x, weight, bias, lr_node[0], spec.rule, stride, padding, dilation, groups,
-                    spec.sample_fraction, spec.check_finite, layer.name)
+            if not shared:
+                shared["lr"] = get_attr(spec.lr_attr, spec.lr)
+                shared["nonfinite"] = None if spec.nonfinite is None else get_attr(spec.nonfinite_attr, spec.nonfinite)
+            args = (x, weight, bias, shared["lr"], spec.rule, stride, padding, dilation, groups,
+                    spec.sample_fraction, shared["nonfinite"], layer.index)
             return graph.create_node("call_function", spec.op, args, name=node.name)
         # a LOCAL (shared) layer called outside the prefix: the weight is a constant there
         weight = graph.call_method("detach", (weight,))

@@ -319,7 +319,7 @@ def test_dce_keeps_a_fused_update_whose_output_is_unused():
     w = graph.get_attr("weight")
     b = graph.get_attr("bias")
     rate = graph.get_attr("lr")
-    graph.call_function(LOCAL_UPDATE, (x, w, b, rate, "oja", [1, 1], [0, 0], [1, 1], 1, 1.0, True, "conv"))
+    graph.call_function(LOCAL_UPDATE, (x, w, b, rate, "oja", [1, 1], [0, 0], [1, 1], 1, 1.0, None, 0))
     graph.output(x)
     root = nn.Module()
     root.weight, root.bias = conv.weight, conv.bias

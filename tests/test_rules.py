@@ -69,9 +69,10 @@ def rule_key(name: str, tau: float) -> str:
     return make_rule(SoftHebb(tau=tau)).key if name == "softhebb" and tau != 1.0 else name
 
 
-def call_op(x, w, b, lr, key, stride=(), padding=(), dilation=(), groups=1, fraction=1.0, check=True, layer="L"):
+def call_op(x, w, b, lr, key, stride=(), padding=(), dilation=(), groups=1, fraction=1.0, check=True, layer=0):
+    guard = torch.zeros(layer + 1, dtype=torch.int32) if check else None
     return LOCAL_UPDATE(x, w, b, torch.tensor(lr, dtype=torch.float64), key, list(stride), list(padding),
-                        list(dilation), groups, fraction, check, layer)
+                        list(dilation), groups, fraction, guard, layer)
 
 
 def conv_tensors(case: ConvCase, gen: torch.Generator):
@@ -168,13 +169,13 @@ def test_sample_fraction_uses_ceil_f_n_samples(fraction, rule):
     x = torch.randn(n, 2, 5, 5, generator=gen, dtype=torch.float64)
     w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
     w_old = w.clone()
-    torch.manual_seed(1234)
+    state = torch.get_rng_state()
     y = call_op(x, w, None, 0.2, rule, (1, 1), (1, 1), (1, 1), 1, fraction=fraction)
+    assert torch.equal(state, torch.get_rng_state())      # a slice, not a random draw: no RNG, no sort
     y_full = F.conv2d(x, w_old, None, 1, 1)
     assert_close(y, y_full)                               # the forward is always the full batch
-    torch.manual_seed(1234)
     keep = math.ceil(fraction * n)
-    idx = torch.randperm(n)[:keep]
+    idx = torch.arange(keep)                              # the first rows: batches come shuffled
 
     def expected_on(rows):
         geom = RefGeometry(x[rows], w_old.shape, stride=(1, 1), pads=[(1, 1), (1, 1)], dilation=(1, 1))
@@ -208,10 +209,8 @@ def test_sample_fraction_through_compile_localsgd():
                           sample_fraction=0.25)
     lm.set_transition(1)
     w_old = model[0].weight.detach().clone()
-    torch.manual_seed(77)
     lm(x)
-    torch.manual_seed(77)
-    idx = torch.randperm(8)[:2]
+    idx = torch.arange(2)
     geom = RefGeometry(x[idx], w_old.shape)
     y = x[idx] @ w_old.t() + model[0].bias.detach()
     assert_close(model[0].weight.detach(), ref_new_weight("oja", w_old, geom, y, 0.1))
@@ -237,7 +236,7 @@ def test_weights_stay_finite_and_bounded_over_1000_steps(rule, layer):
     lr = torch.tensor(0.01)
     for _ in range(1000):
         LOCAL_UPDATE(make_x(), w, None, lr, rule, list(geometry.get("stride", ())), list(geometry.get("padding", ())),
-                     list(geometry.get("dilation", ())), 1, 1.0, True, "small")
+                     list(geometry.get("dilation", ())), 1, 1.0, torch.zeros(1, dtype=torch.int32), 0)
     assert torch.isfinite(w).all()
     norms = w.flatten(1).norm(dim=1)
     if rule == "hebbian":
@@ -257,11 +256,15 @@ def test_non_finite_update_is_refused_and_weight_untouched(rule, bad):
     x[0, 1, 2, 3] = bad
     w = torch.randn(3, 2, 3, 3)
     w_old = w.clone()
-    with pytest.raises(LocalSGDError, match="features.conv7"):
-        LOCAL_UPDATE(x, w, None, torch.tensor(0.1), rule, [1, 1], [0, 0], [1, 1], 1, 1.0, True, "features.conv7")
+    guard = torch.zeros(3, dtype=torch.int32)
+    for _ in range(2):
+        LOCAL_UPDATE(x, w, None, torch.tensor(0.1), rule, [1, 1], [0, 0], [1, 1], 1, 1.0, guard, 1)
     assert torch.equal(w, w_old)
-    # check_finite=False: the update goes through (the caller opted out)
-    LOCAL_UPDATE(x, w, None, torch.tensor(0.1), rule, [1, 1], [0, 0], [1, 1], 1, 1.0, False, "features.conv7")
+    assert guard.tolist() == [0, 2, 0]                    # counted on the device, for the layer's index
+    LOCAL_UPDATE(torch.randn(2, 2, 5, 5), w, None, torch.tensor(0.1), rule, [1, 1], [0, 0], [1, 1], 1, 1.0, guard, 1)
+    assert not torch.equal(w, w_old) and guard.tolist() == [0, 2, 0]   # a finite update goes through
+    # no guard (check_finite=False): the update goes through (the caller opted out)
+    LOCAL_UPDATE(x, w, None, torch.tensor(0.1), rule, [1, 1], [0, 0], [1, 1], 1, 1.0, None, 1)
     assert not torch.isfinite(w).all()
 
 
@@ -278,13 +281,29 @@ def test_non_finite_update_through_compiled_module_names_the_layer():
     x = torch.randn(2, 1, 6, 6)
     x[1, 0, 0, 0] = float("inf")
     w_old = model.stem.weight.detach().clone()
-    with pytest.raises(LocalSGDError, match="'stem'") as info:
-        lm(x)
-    assert "hebbian" in str(info.value) and "not finite" in str(info.value)
+    lm(x)                                                  # no host sync in the step: refused on the device
     assert torch.equal(model.stem.weight.detach(), w_old)
-    assert torch.is_grad_enabled(), "grad mode left disabled after a refused update"
+    assert torch.is_grad_enabled()
     lm(torch.randn(2, 1, 6, 6)).sum().backward()          # still usable
     assert not torch.equal(model.stem.weight.detach(), w_old)
+    with pytest.raises(LocalSGDError, match="'stem' \\(1 step\\)") as info:
+        lm.end_epoch()                                     # read once per epoch
+    message = str(info.value)
+    assert "non-finite" in message and "kept their previous values" in message
+    assert "rule='hebbian'" not in message                 # already the norm-preserving rule: no such advice
+    assert lm.epoch == 0                                   # the epoch did not end
+    lm.end_epoch()                                         # the counters were read and reset
+    assert lm.epoch == 1
+
+
+def test_empty_batch_is_no_update_and_no_error():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=0.25)
+    lm.set_transition(1)
+    w_old = model[0].weight.detach().clone()
+    assert lm(torch.randn(0, 1, 6, 6)).shape == (0, 2)
+    assert torch.equal(model[0].weight.detach(), w_old)
+    lm.end_epoch()
 
 
 # ------------------------------------------------------------------------------- registry
