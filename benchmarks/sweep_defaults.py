@@ -1,6 +1,6 @@
 """Sweep for the defaults of the local rule and the dynamic schedule (issue: defaults from measurements).
 
-What it measures: ResNet-20 on Fashion-MNIST with the main job's settings (10,000 train / 2,000 test
+What it measures: ResNet-20 on Fashion-MNIST with the default run's settings (10,000 train / 2,000 test
 images, 8 epochs, batch 128, cosine LR 0.1), every arm trained side by side with the same data and
 seed, interleaved epoch by epoch (``localsgd_fx.bench_tradeoff.run_tradeoff``). Per arm: train time,
 speedup over SGD, test accuracy and its difference to SGD, local FLOP-epoch fraction, final t.

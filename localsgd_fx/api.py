@@ -164,7 +164,7 @@ class LocalSGDModule(nn.Module):
                                 f"must be an int in 0..{len(self._order)}")
         if t < self.transition and not force:
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
-                                "never back (DESIGN 1). Pass force=True to move backwards anyway.")
+                                "never back. Pass force=True to move backwards anyway.")
         self.transition = t
 
     # ------------------------------------------------------------------------- inspection
@@ -185,7 +185,7 @@ class LocalSGDModule(nn.Module):
 
     @property
     def speed_bound(self) -> float | None:
-        """DESIGN 1.4's step-speedup bound at the current ``t``."""
+        """The GEMM model's step-speedup bound at the current ``t`` (docs/DESIGN.md §5)."""
         p = self.local_fraction
         return None if p is None else speed_bound(p, self.rule.gemms, self.sample_fraction)
 
@@ -228,7 +228,7 @@ class LocalSGDModule(nn.Module):
             f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
             layer_table(self._order, self.transition),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
-            f"{'?' if bound is None else f'{bound:.3f}x'} (DESIGN 1.4)",
+            f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
             f"CUDA-graph recording); compile={self.compile_mode!r}",
             *(d.line() for d in self.compile_decisions),

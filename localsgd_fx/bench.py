@@ -6,7 +6,7 @@ SGD (``t = 0``), on this machine's device. All arms share one model and are time
 (SGD, t1, t2, ..., SGD, t1, ...) so a busy neighbour slows every arm alike; medians are reported.
 Printed per ``t``: the local FLOP fraction ``p``, the measured step-time ratio to plain SGD, the
 GEMM-model bound on that ratio (``(3-(2-f)p)/3`` for 1-GEMM rules whose update uses a fraction
-``f`` of the batch - ``(3-p)/3`` at ``f = 1`` - and ``(3-2p)/3`` for ``freeze``; DESIGN 1.4),
+``f`` of the batch - ``(3-p)/3`` at ``f = 1`` - and ``(3-2p)/3`` for ``freeze``),
 their quotient (1.00 = at the bound), and the activation memory saved for backward (CPU; on CUDA
 also the peak allocated memory).
 

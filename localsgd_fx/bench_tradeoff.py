@@ -9,7 +9,7 @@ twin on the same schedule, which answers "why a local rule at all?". The arms ar
 by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
 schedule state) so a busy neighbour on a shared machine slows every arm
 alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,
-the GEMM model's bound on that speedup for the transitions actually taken (DESIGN 1.4), the final
+the GEMM model's bound on that speedup for the transitions actually taken, the final
 test accuracy and its difference to SGD in percentage points, the peak activation memory saved
 for backward in a step (CPU; CUDA: peak allocated) over the run and in its last epoch (every arm
 starts on plain SGD, so the peaks match; the last epoch shows what the local prefix saves), and
@@ -19,9 +19,9 @@ Writes ``tradeoff.json``, ``tradeoff.png`` (test accuracy vs training wall-clock
 ``tradeoff_scatter.png`` (Δ accuracy vs speedup per arm, ±1 std over seeds);
 ``--from-json runs/tradeoff/tradeoff.json`` re-prints the table (also as Markdown) and redraws them.
 
-Default: ResNet-20 on Fashion-MNIST, 10,000 train / 5,000 test images (the main job's training
+Default: ResNet-20 on Fashion-MNIST, 10,000 train / 5,000 test images (the default run's training
 subset, a larger test set for less sampling noise), 8 epochs, batch 128, seeds 0 and 1 (80
-arm-epochs of 79 steps): measured 35.8 minutes on the project's 2-core box, inside 60; every extra seed
+arm-epochs of 79 steps): measured 35.8 minutes on 2 CPU cores, inside 60; every extra seed
 adds half as much again. Epoch timings include one-time costs and whatever the neighbours do at that
 moment; the interleaving spreads the latter over the arms but cannot remove it: repeat, or use
 ``--seeds``, before trusting a speedup difference of a few percent.

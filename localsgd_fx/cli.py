@@ -1,7 +1,7 @@
 """``localsgd`` command line: ``train``, ``inspect``, ``bench tradeoff``, ``bench step``.
 
-* ``localsgd train`` - LoCal+SGD training (:mod:`localsgd_fx.train`); its defaults are the main
-  job: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, hebbian rule, dynamic
+* ``localsgd train`` - LoCal+SGD training (:mod:`localsgd_fx.train`); with no flags it is the default
+  run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, hebbian rule, dynamic
   schedule), about 4 minutes on 2 idle CPU cores (6-7 when they are shared). Writes metrics, plots and checkpoints to ``--out``.
 * ``localsgd inspect`` - prints a model's rewritten graph for a transition ``t`` and its per-layer
   map, and writes the graph as DOT (and PNG if graphviz's ``dot`` is installed).
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Short OpenMP spin-waits: on a shared 2-core box, busy-waiting threads steal the other process's
+# Short OpenMP spin-waits: on 2 shared CPU cores, busy-waiting threads steal the other process's
 # core (measured: 1.5-3x the CPU time per step under load). libgomp reads the variable once, when
 # torch loads it; the package imports torch lazily, so this line runs first.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
@@ -36,7 +36,7 @@ TRAIN_DESCRIPTION = (
     "t grows by the --schedule. Measures per epoch: t, local FLOP fraction p, train loss/accuracy, test accuracy, "
     "epoch and step wall time, activation memory saved for backward, compile time, the local learning rate and the "
     "schedule's statistics -> OUT/metrics.{jsonl,csv}, OUT/transition.png, OUT/accuracy_vs_time.png, "
-    "OUT/checkpoint.pt (every epoch). Defaults = the main job: ResNet-20 on Fashion-MNIST, 10000 train / 2000 test "
+    "OUT/checkpoint.pt (every epoch). With no flags it is the default run: ResNet-20 on Fashion-MNIST, 10000 train / 2000 test "
     "images, 8 epochs, hebbian rule, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
     "for the full dataset.")
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localsgd",
                                      description="LoCal+SGD: selective localized learning as a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
-    train = sub.add_parser("train", help="train a model with LoCal+SGD (defaults: the main job, ~4 min on 2 CPU cores)",
+    train = sub.add_parser("train", help="train a model with LoCal+SGD (no flags: the default run, ~4 min on 2 CPU cores)",
                            description=TRAIN_DESCRIPTION)
     _add_train_args(train)
     insp = sub.add_parser("inspect", help="print the rewritten graph and layer map for a transition t; write DOT/PNG")

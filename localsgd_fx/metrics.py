@@ -7,7 +7,7 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``t``                     transition layer used during the epoch (layers ``< t`` were LOCAL)
 ``t_next``                transition chosen at the end of the epoch (learning-mode selection)
 ``local_fraction``        ``p``: FLOP fraction of the layers that were LOCAL during the epoch
-``speed_bound``           DESIGN 1.4's step-speedup bound ``3/(3-p)`` (rule dependent) at ``t``
+``speed_bound``           the GEMM model's step-speedup bound ``3/(3-p)`` (rule dependent) at ``t``
 ``train_loss/acc``        mean cross-entropy / accuracy over the epoch's training batches
 ``test_loss/acc``         on the (sub)set of the test split, ``model.eval()`` + ``no_grad``
 ``epoch_time_s``          wall time of the epoch: training + evaluation

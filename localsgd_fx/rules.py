@@ -1,4 +1,4 @@
-"""Local learning rules (DESIGN 1.1): each costs at most one update GEMM.
+"""Local learning rules (docs/DESIGN.md §2): each costs at most one update GEMM.
 
 A rule sees the layer input ``X`` (through :class:`Geometry`), the layer output ``Y`` (conv/linear
 result, bias included, before any normalisation) and the weight, and returns the new weight.

@@ -1,4 +1,4 @@
-"""Learning-mode selection: which layers are LOCAL and which are SGD (DESIGN.md 1.3).
+"""Learning-mode selection: which layers are LOCAL and which are SGD (docs/DESIGN.md §4).
 
 A *schedule* (selector) is asked once at the end of every epoch for the next transition
 layer ``t``: layers ``0..t-1`` are updated with the local rule, layers ``t..N-1`` with SGD.
@@ -64,7 +64,7 @@ STATIC_DEFAULT_C1: float = 0.75
 #: so the default scales with the run length. 0.25 (a quarter of the epochs pure SGD) measured
 #: +0.10 pp at 1.09x vs 0.1's -0.75 pp at 1.04x (benchmarks/sweep_defaults.py --stage static).
 STATIC_DEFAULT_C2: float = 0.25
-#: Static: steepness of the exponential profile (DESIGN 1.3, k = 4).
+#: Static: steepness of the exponential profile (docs/DESIGN.md §4.1, k = 4).
 STATIC_DEFAULT_K: float = 4.0
 #: Dynamic: ALPHA - move when delta_E < alpha * running average (paper's good range: 0.1 - 0.5);
 #: SHIFT - layers to move per decision (a float in (0, 1] is a fraction of the layers, at least 1;
@@ -288,7 +288,7 @@ class Schedule(ABC):
 # Static
 # ---------------------------------------------------------------------------------------------
 class Static(Schedule):
-    """Closed-form schedule of DESIGN 1.3: ``t = floor(c1 * f(u))``.
+    """Closed-form schedule of docs/DESIGN.md §4.1: ``t = floor(c1 * f(u))``.
 
     ``u = clip((E - c2) / (E_max - c2), 0, 1)`` with ``E = stats.epoch`` and
     ``E_max = total_epochs``; ``f(u) = u`` (linear), ``u**2`` (quadratic, the paper's preferred

@@ -1,4 +1,4 @@
-"""Weak supervision (DESIGN 1.2): the local learning rate follows the overall training loss.
+"""Weak supervision (docs/DESIGN.md §3): the local learning rate follows the overall training loss.
 
 The rate of step ``s`` is computed from the losses of steps ``< s`` only (the local update happens
 in the forward pass, before step ``s``'s loss exists). With ``L`` the last observed loss and ``L̄``

@@ -52,10 +52,10 @@ from .schedules import SCHEDULE_NAMES, make_schedule
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
 
 # ---------------------------------------------------------------------------------------------
-# Defaults of the main job (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
+# The default run (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
 # that finishes within 10 minutes on 2 CPU cores. Measured there: a plain-SGD step (batch 128) takes
-# ~0.27 s on idle cores and ~0.5 s when the box is shared, so one full-data epoch (469 steps) is
-# 2-4 minutes. The main job therefore trains on a fixed 10,000-image subset for 8 epochs and tests
+# ~0.27 s on idle cores and ~0.5 s when the cores are shared, so one full-data epoch (469 steps) is
+# 2-4 minutes. The default run therefore trains on a fixed 10,000-image subset for 8 epochs and tests
 # on 2,000 test images: ~4 minutes idle, ~6-7 minutes shared.
 # ---------------------------------------------------------------------------------------------
 MAIN_EPOCHS = 8
@@ -209,7 +209,7 @@ class TrainResult:
                 ("epochs", f"{last['epoch']} of {cfg.epochs}"),
                 ("final t (last epoch)", f"{last['t']} of {len(self.model.layer_order)} layers (next: {last['t_next']})"),
                 ("local FLOP fraction p", _fmt(last["local_fraction"], "{:.3f}")),
-                ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (DESIGN 1.4)"),
+                ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (GEMM model)"),
                 ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
         head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
                 f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")

@@ -8,7 +8,7 @@ from .rewrite import PARTITION_META
 
 
 def speed_bound(p: float, gemms: int = 1, sample_fraction: float = 1.0) -> float:
-    """DESIGN 1.4: the GEMM-model step speedup when a FLOP fraction ``p`` is local.
+    """docs/DESIGN.md §5: the GEMM-model step speedup when a FLOP fraction ``p`` is local.
 
     An SGD layer costs 3 GEMMs (forward, error, weight gradient); a local one ``1 + gemms·f``.
     ``3/(3-p)`` for a 1-GEMM rule, ``3/(3-2p)`` for ``freeze``.

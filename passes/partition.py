@@ -3,7 +3,7 @@
 A compute node is in the prefix iff every input is in the prefix or is a source (placeholder,
 get_attr), it is not a call of an SGD layer, and it is a local layer call, feeds one (work on the
 input before the first layer: a flatten, an input BatchNorm) or depends on one.
-The last clause refines DESIGN 1's rule so that ``t = 0`` leaves the graph untouched: parameterised
+The last clause (docs/DESIGN.md §1.2) is there so that ``t = 0`` leaves the graph untouched: parameterised
 work that only depends on the inputs (an input BatchNorm, say) keeps training by SGD until a local
 layer sits before it or reads it. The prefix is ancestor-closed over compute nodes, so it can run first.
 """

@@ -2,7 +2,7 @@
 
 Everything here is deliberately independent of the library's numerics: the local-rule references
 use an explicit im2col (``torch.nn.functional.unfold`` for 2-d convs, strided slicing for 1-d/3-d),
-the prefix oracle re-derives DESIGN 1's partition rule with networkx on a plain
+the prefix oracle re-derives the partition rule of docs/DESIGN.md §1.2 with networkx on a plain
 ``torch.fx.symbolic_trace``, and saved-for-backward tensors are recorded with
 ``torch.autograd.graph.saved_tensors_hooks``.
 
@@ -378,7 +378,7 @@ class RefGeometry:
 
 def ref_new_weight(rule: str, weight: torch.Tensor, geom: RefGeometry, y: torch.Tensor, lr: float,
                    tau: float = 1.0) -> torch.Tensor:
-    """DESIGN 1.1 written out: the weight after one local step (``y`` flat, bias included)."""
+    """docs/DESIGN.md §2 written out: the weight after one local step (``y`` flat, bias included)."""
     w = weight
     if rule == "freeze":
         return w.clone()
@@ -426,7 +426,7 @@ class CallRecorder:
 
 # ---------------------------------------------------------------------------- prefix oracle
 def expected_prefix(model: nn.Module, local_layers, leaf_modules=()) -> tuple[set[str], set[str]]:
-    """DESIGN 1's prefix, re-derived: a compute node is in the prefix iff it is not an SGD layer
+    """The prefix of docs/DESIGN.md §1.2, re-derived: a compute node is in the prefix iff it is not an SGD layer
     call, all its inputs are in the prefix or are sources, and it is a local layer call, an ancestor
     of one, or a descendant of either (the documented refinement that leaves t=0 untouched and keeps
     input-only branches that feed no local layer on SGD). Returns (prefix, crossing) node names."""

@@ -19,7 +19,7 @@ BATCH = 2
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
-    """Batch-2 forwards gain nothing from intra-op threads, and on a shared 2-core box
+    """Batch-2 forwards gain nothing from intra-op threads, and on 2 shared CPU cores
     OpenMP spin-waiting made this file ~10x slower; run single-threaded, then restore."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

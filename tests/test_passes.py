@@ -75,7 +75,7 @@ def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "heb
     else:
         assert t == n_layers, "the output is cut from autograd although an SGD layer remains"
 
-    # the partition is DESIGN 1's prefix (re-derived independently)
+    # the partition is the prefix of docs/DESIGN.md §1.2 (re-derived independently)
     prefix, crossing = expected_prefix(ref, local)
     gm = lm.graph_module
     gm.graph.lint()

@@ -1,4 +1,4 @@
-"""Weak supervision (DESIGN 1.2): scripted loss sequences, causality, non-finite losses, state."""
+"""Weak supervision (docs/DESIGN.md §3): scripted loss sequences, causality, non-finite losses, state."""
 from __future__ import annotations
 
 import math
@@ -28,7 +28,7 @@ def rates(mode: str, losses, base=ETA) -> list[float]:
 
 
 def reference_rates(mode: str, losses, base=ETA, beta=Fraction(9, 10)) -> tuple[list[float], list[bool]]:
-    """η_s for s = 0..len(losses) from losses[:s] only, in exact rational arithmetic (DESIGN 1.2 as
+    """η_s for s = 0..len(losses) from losses[:s] only, in exact rational arithmetic (docs/DESIGN.md §3 as
     written), and for each step whether the float32 implementation may legitimately decide otherwise
     (a loss within rounding of its average after a non-constant history)."""
     out, ambiguous = [base], [False]
