@@ -42,8 +42,9 @@ class StepRow:
     ratio: float          # step time / plain-SGD step time
     bound: float          # the GEMM model's ratio
     quotient: float       # ratio / bound
-    saved_mb: float       # activation bytes saved for backward
+    saved_mb: float | None  # activation bytes saved for backward (eager only: hooks do not see compiled graphs)
     peak_mb: float | None  # CUDA peak allocated memory
+    compile_s: float = 0.0  # seconds compiling this t's graphs (forward, backward, CUDA-graph recording)
 
 
 def saved_activation_bytes(step) -> int:
@@ -69,15 +70,25 @@ def default_transitions(n_layers: int, max_local: int) -> list[int]:
 def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = None, rule: str = "hebbian",
                   batch: int = BATCH, in_channels: int = IN_CHANNELS, image_size: int = IMAGE_SIZE,
                   repeats: int = REPEATS, warmup: int = WARMUP, sample_fraction: float = DEFAULT_SAMPLE_FRACTION,
-                  device: str = "cpu", compile: bool | str = False, seed: int = 0) -> list[StepRow]:
-    """Measure step time and memory of plain SGD and of LoCal+SGD at each ``t`` (interleaved)."""
+                  device: str = "cpu", compile: bool | str = "off", amp: str = "off", channels_last: bool = False,
+                  seed: int = 0) -> list[StepRow]:
+    """Measure step time and memory of plain SGD and of LoCal+SGD at each ``t`` (interleaved).
+
+    Every arm runs in the same settings (compile mode, autocast dtype, memory format), so the SGD
+    arm is the strongest plain setup of those settings, not plain eager fp32.
+    """
+    import contextlib
+
     import models_zoo
     from localsgd_fx import compile_localsgd
     from passes.inspection import speed_bound
 
+    from .train import AMP_DTYPES
+
     torch.manual_seed(seed)
-    net = models_zoo.get_model(model_name, num_classes=10, in_channels=in_channels).to(device)
-    x = torch.randn(batch, in_channels, image_size, image_size, device=device)
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    net = models_zoo.get_model(model_name, num_classes=10, in_channels=in_channels).to(device, memory_format=fmt)
+    x = torch.randn(batch, in_channels, image_size, image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     model = compile_localsgd(net, rule=rule, schedule="manual", example_inputs=(x[:2],), compile=compile,
                              sample_fraction=sample_fraction)
@@ -85,11 +96,14 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     transitions = transitions or default_transitions(n, model.max_local)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     arms = [0, *transitions]
+    amp_dtype = AMP_DTYPES[amp]
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()      # fp16: no loss scaling here; step time is what is measured, and it costs the same
         opt.step()
         model.observe_loss(loss.detach())
 
@@ -98,13 +112,19 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
             torch.cuda.synchronize()
 
     times: dict[int, list[float]] = {t: [] for t in arms}
-    saved: dict[int, int] = {}
+    saved: dict[int, int | None] = {}
     peak: dict[int, float | None] = {}
+    compile_s: dict[int, float] = {}
+    if compile != "off":   # the first call compiles, CUDA graphs record on a later one: time only replays
+        warmup = max(warmup, 4)
     for t in arms:   # warm-up, compilation and memory, one arm at a time
         model.set_transition(t, force=True)
+        before = model.compile_seconds
         for _ in range(warmup):
             step()
-        saved[t] = saved_activation_bytes(step)
+        sync()
+        compile_s[t] = model.compile_seconds - before
+        saved[t] = saved_activation_bytes(step) if not model.is_compiled(t) else None
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             step()
@@ -127,17 +147,20 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
         p = model.layer_order.local_fraction(t) or 0.0
         med = statistics.median(times[t])
         bound = 1.0 / speed_bound(p, gemms, sample_fraction)
-        rows.append(StepRow(t, p, 1e3 * med, med / base, bound, med / base / bound, saved[t] / 2**20, peak[t]))
+        rows.append(StepRow(t, p, 1e3 * med, med / base, bound, med / base / bound,
+                            None if saved[t] is None else saved[t] / 2**20, peak[t], compile_s[t]))
     return rows
 
 
 def format_rows(rows: list[StepRow], header: str) -> str:
     lines = [header, f"{'t':>3} {'p':>6} {'step ms':>8} {'ratio':>6} {'bound':>6} {'ratio/bound':>11} "
-                     f"{'saved MB':>9} {'vs SGD':>7}" + (" peak MB" if rows[0].peak_mb is not None else "")]
+                     f"{'saved MB':>9} {'vs SGD':>7} {'compile s':>9}" + (" peak MB" if rows[0].peak_mb is not None else "")]
     base_saved = rows[0].saved_mb or 1.0
     for r in rows:
+        saved = (f"{r.saved_mb:>9.1f} {r.saved_mb / base_saved:>7.2f}" if r.saved_mb is not None
+                 else f"{'-':>9} {'-':>7}")
         lines.append(f"{r.transition:>3} {r.local_fraction:>6.3f} {r.step_ms:>8.1f} {r.ratio:>6.3f} {r.bound:>6.3f} "
-                     f"{r.quotient:>11.3f} {r.saved_mb:>9.1f} {r.saved_mb / base_saved:>7.2f}"
+                     f"{r.quotient:>11.3f} {saved} {r.compile_s:>9.1f}"
                      + (f" {r.peak_mb:>7.1f}" if r.peak_mb is not None else ""))
     return "\n".join(lines)
 
@@ -161,16 +184,22 @@ def main_step(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-fraction", type=float, default=DEFAULT_SAMPLE_FRACTION,
                         help="local update from this fraction of the batch (default %(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile", default="off", choices=["off", "on", "reduce-overhead"],
+                        help="every arm, SGD included, in this mode; compile seconds per t are reported (default %(default)s)")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (default %(default)s)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    compile = {"auto": "auto", "on": True, "off": False}[args.compile]
+    from .runtime import resolve_device
+
+    device = str(resolve_device(args.device))
     rows = measure_steps(args.model, transitions=args.transitions, rule=args.rule, batch=args.batch_size,
                          in_channels=args.in_channels, image_size=args.image_size, repeats=args.repeats,
-                         warmup=args.warmup, sample_fraction=args.sample_fraction, device=device, compile=compile)
+                         warmup=args.warmup, sample_fraction=args.sample_fraction, device=device, compile=args.compile,
+                         amp=args.amp, channels_last=args.channels_last)
     header = (f"bench step: {args.model}, rule={args.rule}, batch {args.batch_size}x{args.in_channels}x"
-              f"{args.image_size}x{args.image_size}, sample_fraction={args.sample_fraction}, {device}: "
+              f"{args.image_size}x{args.image_size}, sample_fraction={args.sample_fraction}, compile={args.compile}, "
+              f"amp={args.amp}{', channels-last' if args.channels_last else ''}, {device}: "
               f"{machine_line(device)}; medians of {args.repeats} interleaved steps")
     print(format_rows(rows, header))
     if args.json:

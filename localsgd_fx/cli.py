@@ -59,6 +59,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     from .data import list_datasets
     from .rules import list_rules
+    from .runtime import COMPILE_MODES
     from .schedules import SCHEDULE_NAMES
     from .train import TrainConfig
 
@@ -100,8 +101,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d["seed"], help="(default %(default)s)")
     g.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"], help="(default %(default)s)")
-    g.add_argument("--compile", default=d["compile"], choices=["auto", "on", "off"],
-                   help="torch.compile the graphs; auto = on CUDA only (default %(default)s)")
+    g.add_argument("--compile", default=d["compile"], choices=COMPILE_MODES,
+                   help="torch.compile each transition's graph: on; reduce-overhead = with CUDA graphs; auto = only where "
+                        "the measured saving pays for the compile (never on a CPU unless measured); off (default %(default)s)")
+    g.add_argument("--amp", default=d["amp"], choices=["off", "bf16", "fp16"],
+                   help="mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32 (default %(default)s)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (faster convs on GPUs)")
     g.add_argument("--out", help="run directory (default: a new runs/<model>-<dataset>-<date-time>; "
                                  "--resume needs the folder of the run)")
     g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")

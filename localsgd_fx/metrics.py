@@ -13,13 +13,16 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``epoch_time_s``          wall time of the epoch: training + evaluation
 ``train_time_s``          wall time of the training loop alone (batches included)
 ``elapsed_train_s``       cumulative ``train_time_s`` (the x axis of accuracy-vs-time plots)
-``mean_step_ms``          mean of forward+loss+backward+optimizer step, per batch
+``mean_step_ms``          ``train_time_s`` per batch (data, step and progress bar; no per-step sync)
 ``saved_activation_mb``   bytes saved for backward in one training step (2nd batch of the
                           epoch), counted with ``torch.autograd.graph.saved_tensors_hooks``
                           (each storage once; the local prefix saves nothing). Empty when the
                           step is ``torch.compile``'d (hooks do not see inside compiled graphs)
 ``cuda_peak_mb``          ``torch.cuda.max_memory_allocated`` over the epoch; empty on CPU
-``compile_s``             seconds spent compiling graphs during the epoch (``torch.compile``)
+``compile_s``             seconds torch spent compiling during the epoch: forward and backward
+                          graphs, recompiles and CUDA-graph recording (dynamo's compile callbacks)
+``compiled``              whether the epoch's transition ran a compiled graph at the epoch's end
+                          (``compile="auto"`` decides per transition; its choices go to the log)
 ``lr``                    optimizer learning rate at the end of the epoch
 ``local_lr``              current (signed) local learning rate of weak supervision
 ``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
@@ -44,7 +47,7 @@ import torch
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "lr", "local_lr")
+           "compile_s", "compiled", "lr", "local_lr")
 #: Columns that measure time (they differ between otherwise identical runs).
 TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
 

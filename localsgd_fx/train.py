@@ -47,6 +47,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_co
                          restore_rng, save_checkpoint)
 from .data import Batches, ImageDataset, load_dataset
 from .metrics import SavedActivationMeter, format_table, write_metrics
+from .runtime import COMPILE_MODES, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
@@ -109,7 +110,9 @@ class TrainConfig:
     # run control
     seed: int = 0
     device: str = "auto"                 # "auto" | "cpu" | "cuda"
-    compile: str = "auto"                # "auto" (CUDA only) | "on" | "off"
+    compile: str = "auto"                # runtime.COMPILE_MODES: "auto" (compile where it pays) | "on" | "off" | "reduce-overhead"
+    amp: str = "off"                     # "off" | "bf16" | "fp16" (autocast; fp16 with a gradient scaler)
+    channels_last: bool = False          # channels-last model and inputs
     out: str | None = "runs/train"       # None: write nothing (benchmarks)
     resume: bool = False
     overwrite: bool = False
@@ -136,8 +139,9 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {self.compile!r}")
-        need(self.device != "cuda" or torch.cuda.is_available(), "device 'cuda' asked for, but torch sees no CUDA device")
+        need(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        need(self.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        resolve_device(self.device)   # raises when CUDA is asked for and absent
         schedule_kwargs(self)   # raises on options that do not belong to the schedule
         return self
 
@@ -230,8 +234,39 @@ def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+#: ``--amp`` -> autocast dtype
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _ProgressReader:
+    """Running loss/accuracy for the progress bar without waiting for the device: the sums are copied
+    asynchronously into pinned memory, and a copy is shown once it has landed (on a CPU, at once)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(3, pin_memory=self.cuda)
+        self.event: torch.cuda.Event | None = None
+        self.shown: list[float] | None = None
+
+    def push(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> list[float] | None:
+        """Start a copy of the sums unless one is still in flight; returns the newest landed ``[loss, acc]``."""
+        if self.event is not None and not self.event.query():
+            return self.shown
+        if self.event is not None or not self.cuda:
+            self._land()
+        self.host.copy_(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)]),
+                        non_blocking=True)
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self._land()
+        return self.shown
+
+    def _land(self) -> None:
+        total, right, seen = self.host.tolist()
+        if seen:
+            self.shown = [total / seen, right / seen]
 
 
 class Trainer:
@@ -256,12 +291,15 @@ class Trainer:
         random.seed(config.seed)
         np.random.seed(config.seed)
         net = models_zoo.get_model(config.model, self.train_set.num_classes, self.train_set.image_shape[0])
-        net.to(self.device)
+        net.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
         self.model = compile_localsgd(
             net, rule=config.rule, schedule=make_schedule(config.schedule, **schedule_kwargs(config)),
             local_lr=config.local_lr, weak_supervision=config.weak_supervision, max_local=config.max_local,
-            compile={"auto": "auto", "on": True, "off": False}[config.compile], total_epochs=config.epochs,
-            sample_fraction=config.sample_fraction)
+            compile=config.compile, total_epochs=config.epochs, sample_fraction=config.sample_fraction)
+        amp_dtype = AMP_DTYPES[config.amp]
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
@@ -284,10 +322,6 @@ class Trainer:
             return STEP_GAMMA ** sum(step // per_epoch >= m for m in milestones)
         return factor
 
-    @property
-    def _compiled(self) -> bool:
-        return self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
-
     # ------------------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict[str, Any]:
         """Train one epoch, run learning-mode selection, evaluate; returns (and stores) its record."""
@@ -295,7 +329,7 @@ class Trainer:
         restore_rng(self.rng)
         lm.train()
         t = lm.transition
-        compile_before = lm.compile_seconds
+        compile_before, decisions_before = lm.compile_seconds, len(lm.compile_decisions)
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         steps = len(self.batches)
@@ -303,36 +337,48 @@ class Trainer:
         meter = SavedActivationMeter()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen, step_time = 0, 0.0
+        seen = 0
+        progress = _ProgressReader(self.device)
         bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, dynamic_ncols=True)
+        channels_last = torch.channels_last if cfg.channels_last else torch.preserve_format
         start = time.perf_counter()
+        # the step: nothing in it waits for the device (no .item(), no sync); values are read once per epoch
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
-            s0 = time.perf_counter()
-            measure = i == meter_step and not self._compiled
-            with meter if measure else contextlib.nullcontext():
+            x = x.contiguous(memory_format=channels_last)
+            measure = i == meter_step and not lm.is_compiled(t)   # hooks do not see inside compiled graphs
+            with meter if measure else contextlib.nullcontext(), self.autocast():
                 out = lm(x)
                 loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             self.lr_scheduler.step()
             lm.observe_loss(loss.detach())
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            step_time += time.perf_counter() - s0
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             for cb in self.callbacks:
                 _call(cb, "on_step_end", self, i, loss.detach())
             if cfg.progress and (i % 10 == 0 or i == steps - 1):
-                bar.set_postfix({"t": t, "loss": f"{loss_sum.item() / seen:.3f}", "acc": f"{100 * correct.item() / seen:.1f}%"})
+                shown = progress.push(loss_sum, correct, seen)
+                if shown is not None:
+                    bar.set_postfix({"t": t, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
             bar.update()
         p, bound = lm.local_fraction, lm.speed_bound    # of the transition used this epoch
+        compiled = lm.is_compiled(t)
         t_next = lm.end_epoch()
+        if cuda:
+            torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
         bar.close()
+        for decision in lm.compile_decisions[decisions_before:]:
+            self.log(decision.line())
         test_loss, test_acc, eval_time = self.evaluate()
         self.epoch += 1
         stats = lm.stats()
@@ -342,10 +388,10 @@ class Trainer:
             "test_loss": test_loss, "test_acc": test_acc,
             "epoch_time_s": train_time + eval_time, "train_time_s": train_time,
             "elapsed_train_s": (self.metrics[-1]["elapsed_train_s"] if self.metrics else 0.0) + train_time,
-            "mean_step_ms": 1000 * step_time / steps,
-            "saved_activation_mb": meter.megabytes if not self._compiled else None,
+            "mean_step_ms": 1000 * train_time / steps,
+            "saved_activation_mb": meter.megabytes if meter.bytes else None,
             "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
-            "compile_s": lm.compile_seconds - compile_before,
+            "compile_s": lm.compile_seconds - compile_before, "compiled": compiled,
             "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
             **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
         }
@@ -361,8 +407,10 @@ class Trainer:
         start = time.perf_counter()
         self.model.eval()
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
+        channels_last = torch.channels_last if self.config.channels_last else torch.preserve_format
         for x, y in self.test_batches.epoch(0):
-            out = self.model(x)
+            with self.autocast():
+                out = self.model(x.contiguous(memory_format=channels_last))
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
         self.model.train()
@@ -374,6 +422,7 @@ class Trainer:
         """The checkpoint contents (see :mod:`localsgd_fx.checkpoint`)."""
         return {"config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 "rng": self.rng, "metrics": list(self.metrics)}
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
@@ -386,6 +435,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
 
     # ------------------------------------------------------------------------------ the run

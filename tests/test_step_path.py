@@ -1,0 +1,328 @@
+"""The training step as the product runs it: no host reads, mixed precision, channels-last, compiling.
+
+CPU tests check what a CPU can: that a default step never reads a tensor on the host (on CUDA each
+read is a sync), that autocast and channels-last steps work with fp32 master weights, that a compiled
+run makes one forward and one backward graph per distinct ``t`` (partial batches and evaluation add
+none), and the decisions of ``compile="auto"``. The CUDA-marked tests repeat the critical ones on a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localsgd_fx import compile_localsgd
+from localsgd_fx.data import ImageDataset
+from localsgd_fx.runtime import AutoCompile, compile_mode
+from localsgd_fx.train import TrainConfig, Trainer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def small_net(channels: int = 4) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 3))
+
+
+def twins(**kwargs):
+    torch.manual_seed(0)
+    a, b = small_net(), small_net()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way a step could read a tensor value on the host raises inside this block."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called inside the training step (a device-to-host sync on CUDA)")
+        return method
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, m in saved.items():
+            setattr(torch.Tensor, n, m)
+
+
+def one_step(lm, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(lm(x), y)
+    loss.backward()
+    opt.step()
+    lm.observe_loss(loss.detach())
+    return loss
+
+
+# ------------------------------------------------------------------------------- host reads
+@pytest.mark.parametrize("compile", ["off", "auto"])
+def test_default_step_never_reads_a_tensor_on_the_host(compile):
+    torch.manual_seed(0)
+    net = small_net()
+    lm = compile_localsgd(net, schedule="manual", compile=compile)        # check_finite and sample_fraction: defaults
+    lm.set_transition(2)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    one_step(lm, opt, x, y)                                              # first call: FLOP counts, graph emission
+    w0 = net[0].weight.detach().clone()
+    with no_host_reads():
+        for _ in range(3):
+            one_step(lm, opt, x, y)
+    assert not torch.equal(net[0].weight.detach(), w0)                   # the local layer did learn in there
+    lm.end_epoch()                                                       # the once-per-epoch read is allowed
+
+
+# ----------------------------------------------------------------------- precision and layout
+def test_cpu_autocast_bf16_step_updates_fp32_master_weights():
+    ref_net, amp_net = twins()
+    ref = compile_localsgd(ref_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
+    amp = compile_localsgd(amp_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
+    for lm in (ref, amp):
+        lm.set_transition(2)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    w0 = ref_net[3].weight.detach().clone()
+    F.cross_entropy(ref(x), y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = amp(x)
+        loss = F.cross_entropy(out, y)
+    loss.backward()
+    assert out.dtype == torch.bfloat16
+    for layer in (0, 3):
+        w = amp_net[layer].weight
+        assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    delta_ref, delta_amp = ref_net[3].weight.detach() - w0, amp_net[3].weight.detach() - w0
+    assert delta_ref.norm() > 0
+    # the same update, to bf16's precision (8 bits of mantissa in the GEMM's inputs)
+    assert (delta_amp - delta_ref).norm() < 0.05 * delta_ref.norm()
+    assert amp_net[-1].weight.grad is not None and amp_net[-1].weight.grad.dtype == torch.float32
+
+
+def test_channels_last_model_and_input_match_contiguous():
+    ref_net, cl_net = twins()
+    cl_net.to(memory_format=torch.channels_last)
+    ref = compile_localsgd(ref_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=0.5)
+    cl = compile_localsgd(cl_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=0.5)
+    for lm in (ref, cl):
+        lm.set_transition(2)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(2):
+        a = ref(x)
+        b = cl(x.contiguous(memory_format=torch.channels_last))
+        F.cross_entropy(a, y).backward()
+        F.cross_entropy(b, y).backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for layer in (0, 3):
+        torch.testing.assert_close(cl_net[layer].weight.detach(), ref_net[layer].weight.detach(), rtol=1e-5, atol=1e-6)
+    assert cl_net[3].weight.is_contiguous(memory_format=torch.channels_last)   # the update kept the layout
+
+
+def toy_data(n: int, seed: int) -> ImageDataset:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    images = (torch.rand(n, 1, 8, 8, generator=gen) * 60 + labels.view(-1, 1, 1, 1) * 70).to(torch.uint8)
+    return ImageDataset("toy", images, labels, 3, (0.4,), (0.3,))
+
+
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
+def test_trainer_mixed_precision_run(amp, channels_last, tmp_path):
+    config = TrainConfig(model="smallcnn", epochs=2, batch_size=32, schedule="linear", c2=0, amp=amp,
+                         channels_last=channels_last, device="cpu", compile="off", out=str(tmp_path / "run"),
+                         progress=False, train_subset=None, test_subset=None)
+    result = Trainer(config, data=(toy_data(96, 0), toy_data(64, 1)), log=None).fit()
+    assert [r["t"] for r in result.metrics] == [0, 1] and result.metrics[-1]["t_next"] > 1
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_loss"] == r["train_loss"] for r in result.metrics)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.model.parameters())
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ("grad_scaler" in state) == (amp == "fp16")
+
+
+# --------------------------------------------------------------------------------- compiling
+@pytest.mark.slow
+def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net, twin = twins()
+    compiled = compile_localsgd(net, schedule="manual", compile=True, local_lr=0.1, weak_supervision="off",
+                                sample_fraction=0.5)
+    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off",
+                             sample_fraction=0.5)
+    batches = [torch.randn(8, 1, 6, 6) for _ in range(2)] + [torch.randn(5, 1, 6, 6)]   # a partial last batch
+    y = torch.randint(0, 3, (8,))
+    for t in (0, 2):
+        for lm in (compiled, eager):
+            lm.set_transition(t)
+        for x in batches:
+            for lm in (compiled, eager):
+                F.cross_entropy(lm(x), y[:len(x)]).backward()
+        compiled.eval()
+        with torch.no_grad():
+            compiled(torch.randn(3, 1, 6, 6))                            # evaluation: eager, no graph
+        compiled.train()
+    assert compiled.compile_count == 2
+    # one dynamo compile per t; the backward compiles lazily at the first backward (none when torch's cache
+    # already holds it, then it loads with the forward)
+    assert compiled.compile_events["DYNAMO"] == 2 and compiled.compile_events.get("LAZY_BACKWARD", 0) in (0, 2)
+    assert set(compiled.compile_events) <= {"DYNAMO", "LAZY_BACKWARD"}
+    assert counters["stats"]["unique_graphs"] == 2                       # torch's own count agrees
+    assert compiled.compile_seconds > 0
+    for layer in (0, 3):                                                 # the traced update = the eager one
+        torch.testing.assert_close(net[layer].weight.detach(), twin[layer].weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+class FakeOwner:
+    """What AutoCompile reads from a LocalSGDModule."""
+
+    def __init__(self, remaining: int):
+        self.remaining, self.compile_seconds, self.epoch = remaining, 0.0, 0
+
+    def expected_steps_at_transition(self) -> int:
+        return self.remaining
+
+
+def drive(policy, owner, clock, t, steps, step_s, compile_s=0.0):
+    """Run ``steps`` steps of ``step_s`` seconds each through the policy; returns the choices."""
+    choices = []
+    for _ in range(steps):
+        choice = policy.before_step(t, owner)
+        choices.append(choice)
+        if choice == "compile":
+            policy.compiled(t, owner)
+            owner.compile_seconds += compile_s
+        clock[0] += step_s
+    return choices
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("localsgd_fx.runtime.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr(AutoCompile, "_sync", lambda self: None)   # a "cuda" policy on a machine without one
+    return now
+
+
+def test_auto_compiles_when_the_saving_pays_and_keeps_a_faster_graph(clock):
+    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=10_000)
+    choices = drive(policy, owner, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
+    assert choices[-1] == "compile" and choices[:-1] == ["eager"] * (len(choices) - 1)
+    decision = policy.decisions[0]
+    assert decision.choice == "compile" and decision.eager_ms == pytest.approx(10.0)
+    assert decision.expected_saving_s == pytest.approx(10_000 * 0.010 * (1 - AutoCompile.PRIOR_RATIO["cuda"]))
+    drive(policy, owner, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.005)
+    assert decision.compiled_ms == pytest.approx(5.0) and decision.compile_s == pytest.approx(20.0)
+    assert policy.ratio == pytest.approx(0.5) and policy.compile_s == pytest.approx(20.0)   # measured replaces the priors
+    assert drive(policy, owner, clock, 3, 5, 0.005) == ["compiled"] * 5
+
+
+def test_auto_falls_back_when_the_compiled_graph_is_not_faster(clock):
+    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=10_000)
+    drive(policy, owner, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
+    drive(policy, owner, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.0101)
+    assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
+    assert drive(policy, owner, clock, 1, 3, 0.010) == ["eager"] * 3
+    policy.reconsider(1, owner)                      # a graph measured slower is not tried again
+    assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
+    # the next transition is judged with the measured ratio (no saving) instead of the prior
+    drive(policy, owner, clock, 2, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010)
+    assert policy.decisions[-1].choice == "eager" and policy.decisions[-1].expected_saving_s <= 0
+
+
+def test_auto_stays_eager_for_short_stays_and_reconsiders_as_t_holds(clock):
+    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=500)       # 500 x 10 ms x 0.3 = 1.5 s < 30 s
+    choices = drive(policy, owner, clock, 2, 40, 0.010)
+    assert set(choices) == {"eager"} and [d.choice for d in policy.decisions] == ["eager"]
+    owner.remaining = 50_000                                            # t held on: more steps expected
+    policy.reconsider(2, owner)
+    assert policy.decisions[-1].choice == "compile"
+    assert policy.before_step(2, owner) == "compile"
+
+
+def test_auto_on_a_cpu_never_compiles_on_priors():
+    torch.manual_seed(0)
+    lm = compile_localsgd(small_net(), schedule="manual", compile="auto", total_epochs=100)
+    lm.set_transition(1)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(AutoCompile.WARMUP + AutoCompile.WINDOW + 2):
+        one_step(lm, opt, x, y)
+    assert lm.compile_count == 0 and not lm.is_compiled(1)
+    assert [d.choice for d in lm.compile_decisions] == ["eager"]
+    assert "staying eager" in lm.explain(print_fn=None)
+
+
+def test_expected_steps_at_transition():
+    lm = compile_localsgd(small_net(), schedule="manual", total_epochs=10)
+    x = torch.randn(4, 1, 6, 6)
+    for _ in range(6):
+        lm(x)
+    assert lm.expected_steps_at_transition() == 9 * 6       # t cannot move on its own: every epoch left
+    lm.end_epoch()
+    lm(x)
+    assert lm.expected_steps_at_transition() == 5 + 8 * 6
+    dyn = compile_localsgd(small_net(), schedule="dynamic", total_epochs=10)
+    for epoch in range(2):
+        for _ in range(6):
+            dyn(x)
+        assert dyn.expected_steps_at_transition() == epoch * 6   # held t for `epoch` epochs: that many more
+        dyn.end_epoch()
+    assert dyn.transition == 0
+
+
+def test_compile_vocabulary():
+    assert [compile_mode(v) for v in (True, False, "auto", "reduce-overhead")] == ["on", "off", "auto", "reduce-overhead"]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_mode("yes")
+
+
+# -------------------------------------------------------------------------------------- CUDA
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile", ["off", "reduce-overhead"])
+def test_cuda_default_step_has_no_sync(compile):
+    torch.manual_seed(0)
+    net = small_net(8).cuda()
+    lm = compile_localsgd(net, schedule="manual", compile=compile)
+    lm.set_transition(2)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 1, 8, 8, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
+    for _ in range(4):                                    # compile, record, warm up
+        one_step(lm, opt, x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            one_step(lm, opt, x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lm.end_epoch()
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_bf16_channels_last_reduce_overhead_matches_eager():
+    ref_net, net = (m.cuda().to(memory_format=torch.channels_last) for m in twins())
+    eager = compile_localsgd(ref_net, schedule="manual", compile="off", local_lr=0.05, weak_supervision="off")
+    graphed = compile_localsgd(net, schedule="manual", compile="reduce-overhead", local_lr=0.05, weak_supervision="off")
+    x = torch.randn(16, 1, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (16,), device="cuda")
+    for lm in (eager, graphed):
+        lm.set_transition(2)
+        for _ in range(4):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(lm(x), y)
+            loss.backward()
+    assert net[0].weight.dtype == torch.float32 and torch.isfinite(net[0].weight).all()
+    for layer in (0, 3):      # bf16 kernels of eager and inductor differ in rounding, not in the update
+        torch.testing.assert_close(net[layer].weight, ref_net[layer].weight, rtol=2e-2, atol=2e-3)
