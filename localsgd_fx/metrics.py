@@ -21,6 +21,8 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``cuda_peak_mb``          ``torch.cuda.max_memory_allocated`` over the epoch; empty on CPU
 ``compile_s``             seconds torch spent compiling during the epoch: forward and backward
                           graphs, recompiles and CUDA-graph recording (dynamo's compile callbacks)
+``compile_cache_hits``    graphs loaded from torch's compile caches instead of compiled (reuse
+                          across runs and resumes)
 ``compiled``              whether the epoch's transition ran a compiled graph at the epoch's end
                           (``compile="auto"`` decides per transition; its choices go to the log)
 ``lr``                    optimizer learning rate at the end of the epoch
@@ -47,7 +49,7 @@ import torch
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "compiled", "lr", "local_lr")
+           "compile_s", "compiled", "compile_cache_hits", "lr", "local_lr")
 #: Columns that measure time (they differ between otherwise identical runs).
 TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
 

@@ -47,7 +47,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_co
                          restore_rng, save_checkpoint)
 from .data import Batches, ImageDataset, load_dataset
 from .metrics import SavedActivationMeter, format_table, write_metrics
-from .runtime import COMPILE_MODES, resolve_device
+from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
@@ -215,6 +215,11 @@ class TrainResult:
                 ("local FLOP fraction p", _fmt(last["local_fraction"], "{:.3f}")),
                 ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (GEMM model)"),
                 ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
+        compile_s = sum(r.get("compile_s") or 0.0 for r in self.metrics)
+        if cfg.compile != "off":
+            rows.append(("compiling", f"{compile_s:.1f} s of the train time, {self.model.compile_count} graphs, "
+                                      f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} loaded from torch's cache "
+                                      f"(compile={cfg.compile})"))
         head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
                 f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")
         text = head + "\n" + format_table(rows, ("result", "value"))
@@ -329,7 +334,7 @@ class Trainer:
         restore_rng(self.rng)
         lm.train()
         t = lm.transition
-        compile_before, decisions_before = lm.compile_seconds, len(lm.compile_decisions)
+        compile_before, decisions_before, hits_before = lm.compile_seconds, len(lm.compile_decisions), compile_cache_hits()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         steps = len(self.batches)
@@ -392,6 +397,7 @@ class Trainer:
             "saved_activation_mb": meter.megabytes if meter.bytes else None,
             "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
             "compile_s": lm.compile_seconds - compile_before, "compiled": compiled,
+            "compile_cache_hits": compile_cache_hits() - hits_before,
             "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
             **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
         }
@@ -462,6 +468,8 @@ class Trainer:
             summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
                        "epochs": self.epoch, "final_transition": self.model.transition,
                        "local_flop_epochs": result.local_flop_epochs,
+                       "compile_s": sum(r["compile_s"] for r in self.metrics),
+                       "compile_decisions": [d.as_dict() for d in self.model.compile_decisions],
                        "last_epoch": self.metrics[-1] if self.metrics else None}
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         for cb in self.callbacks:
