@@ -314,7 +314,6 @@ class LocalSGDModule(nn.Module):
         if mode in ("off", "auto"):     # auto: eager until AutoCompile says compiling pays
             self._runners[key] = graph
             return graph
-        CompileClock.install()
         self.compile_count += 1
         runner = self._runners[key] = _Runner(self, graph, torch_compile(graph, mode))
         return runner

@@ -65,19 +65,15 @@ class CompileClock:
 
     _owner: Any = None
     _started: float | None = None
-    _installed = False
-
-    @classmethod
-    def install(cls) -> None:
-        if cls._installed:
-            return
-        from torch._dynamo.callback import callback_handler
-        callback_handler.register_start_callback(cls._start)
-        callback_handler.register_end_callback(cls._end)
-        cls._installed = True
 
     @classmethod
     def active(cls, owner: Any) -> None:
+        """Charge compiles from now on to ``owner`` (registering the callbacks again if
+        ``torch._dynamo.reset()`` cleared them)."""
+        from torch._dynamo.callback import callback_handler
+        if cls._start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(cls._start)
+            callback_handler.register_end_callback(cls._end)
         cls._owner = owner
 
     @classmethod
