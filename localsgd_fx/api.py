@@ -103,12 +103,12 @@ class LocalSGDModule(nn.Module):
         if not any(counts):
             return
         self.nonfinite_updates.zero_()
-        bad = ", ".join(f"{self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
+        bad = ", ".join(f"layer {self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
         advice = "Lower local_lr or check the inputs for inf/NaN"
         if self.rule.key != "hebbian":
             advice += ", or use rule='hebbian' (norm-preserving)"
         raise LocalSGDError(
-            f"non-finite local updates were refused in epoch {self.epoch + 1} for layer {bad}: those weights kept their "
+            f"non-finite local updates were refused in epoch {self.epoch + 1} for {bad}: those weights kept their "
             f"previous values, but the SGD layers and BatchNorm statistics saw the same batches. {advice}.")
 
     def expected_steps_at_transition(self) -> int:
