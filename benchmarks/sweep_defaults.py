@@ -15,10 +15,6 @@ Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 C
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import argparse
 import json
 import time

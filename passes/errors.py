@@ -11,5 +11,5 @@ class LocalSGDError(Exception):
     of range and non-finite local updates; ``localsgd_fx`` derives its own errors from it
     (bad configuration values, missing or corrupt data, incompatible checkpoints, a run folder in
     use), so ``except LocalSGDError`` catches every one of them. Errors about argument values are
-    also ``ValueError``\\ s.
+    also ``ValueError`` instances.
     """

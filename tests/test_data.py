@@ -133,8 +133,13 @@ def test_fmnist_search_order_and_layouts(tmp_path, monkeypatch):
 
     assert np.array_equal(first_label_image(root=tmp_path / "root"), a[TRAIN_IMG][0])
     assert np.array_equal(first_label_image(), b[TRAIN_IMG][0])
-    # a root without the files falls through to the next location
-    assert np.array_equal(first_label_image(root=tmp_path / "empty"), b[TRAIN_IMG][0])
+    # an explicit root is used or refused, never replaced by another copy (nor by a download)
+    for root, state in ((tmp_path / "empty", "it exists"), (tmp_path / "typo", "it does not exist")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        for download in (False, True):
+            with pytest.raises(DatasetError, match=f"not in the data folder {root} \\({state}\\)"):
+                load_dataset("fmnist", "train", root, download=download)
+    assert cache_files(tmp_path) == []
     monkeypatch.delenv(fashion_mnist.DATA_ENV)
     assert np.array_equal(first_label_image(), c[TRAIN_IMG][0])
 
@@ -406,6 +411,14 @@ def test_cifar_missing_path_lists_expected_files(tmp_path):
         assert part in msg
     with pytest.raises(DatasetError, match="cifar-100-python.*train.*meta"):
         load_dataset("cifar100", "train", tmp_path / "nothing-here")
+
+
+def test_cifar_explicit_root_is_never_replaced(tmp_path, monkeypatch):
+    write_cifar(tmp_path / "env", "cifar10")
+    monkeypatch.setenv(fashion_mnist.DATA_ENV, str(tmp_path / "env"))
+    assert len(load_dataset("cifar10", "test")) == 4                  # found through $LOCALSGD_DATA
+    with pytest.raises(DatasetError, match="not found in any of:\n  " + str(tmp_path / "typo") + "\n"):
+        load_dataset("cifar10", "test", tmp_path / "typo")           # a named folder is not replaced by it
 
 
 def test_cifar_missing_batch_named(tmp_path):

@@ -92,12 +92,14 @@ def load_dataset(
         name: ``"fashion-mnist"`` (aliases ``"fashion_mnist"``, ``"fmnist"``), ``"cifar10"`` or
             ``"cifar100"`` (case-insensitive).
         split: ``"train"`` or ``"test"``.
-        root: Directory searched first. For Fashion-MNIST: the folder holding the IDX ``.gz``
-            files (or its parent with a ``fashion-mnist`` subfolder). For CIFAR: the extracted
-            folder (``cifar-10-batches-py`` / ``cifar-100-python``), its parent, a parent holding
-            the ``.tar.gz`` archive, or the archive itself.
-        download: Fashion-MNIST only: download into the user cache if no local copy is found.
-            CIFAR is never downloaded.
+        root: Where the files are; when given, the only place looked at (its files are used or a
+            :class:`DatasetError` says what is missing; nothing else is searched or downloaded).
+            For Fashion-MNIST: the folder holding the IDX ``.gz`` files (or its parent with a
+            ``fashion-mnist`` subfolder). For CIFAR: the extracted folder (``cifar-10-batches-py`` /
+            ``cifar-100-python``), its parent, a parent holding the ``.tar.gz`` archive, or the
+            archive itself. Without it: ``$LOCALSGD_DATA``, the user cache, the system copy.
+        download: Fashion-MNIST without ``root`` only: download into the user cache if no local
+            copy is found. CIFAR is never downloaded.
 
     Returns:
         The split as an :class:`ImageDataset`.

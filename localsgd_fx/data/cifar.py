@@ -115,9 +115,9 @@ def _cifar_expected(spec: _CifarSpec, split: str) -> tuple[str, ...]:
 
 
 def _cifar_dir_candidates(root: str | os.PathLike[str] | None) -> list[Path]:
+    if root is not None:   # the user named the place: use it or fail, never fall back to another copy
+        return [Path(root).expanduser()]
     bases: list[Path] = []
-    if root is not None:
-        bases.append(Path(root).expanduser())
     env = os.environ.get(DATA_ENV)
     if env:
         bases.append(Path(env).expanduser())

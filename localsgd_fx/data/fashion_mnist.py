@@ -1,10 +1,12 @@
 """Fashion-MNIST: finding the IDX files, parsing them, and downloading them (MD5-checked).
 
-Looked up, in order, in ``root``, ``$LOCALSGD_DATA`` (or its ``fashion-mnist`` subfolder), the
-user cache ``${XDG_CACHE_HOME:-~/.cache}/localsgd_fx/fashion-mnist`` and
-``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``); otherwise
-downloaded into the user cache from :data:`FASHION_MNIST_URL` (overridable with the environment
-variable ``LOCALSGD_FASHION_MNIST_URL``). Downloads are checked against the official MD5 sums and
+An explicit ``root`` is the only place looked at (the folder, or its ``fashion-mnist`` subfolder):
+its files are used or the load fails, never replaced by another copy. Without one, the files are
+looked up, in order, in ``$LOCALSGD_DATA`` (or its ``fashion-mnist`` subfolder), the user cache
+``${XDG_CACHE_HOME:-~/.cache}/localsgd_fx/fashion-mnist`` and ``/usr/share/datasets/fashion-mnist``
+(Debian package ``dataset-fashion-mnist``); otherwise downloaded into the user cache from
+:data:`FASHION_MNIST_URL` (overridable with the environment variable
+``LOCALSGD_FASHION_MNIST_URL``). Downloads are checked against the official MD5 sums and
 only renamed into place once verified. Files found locally are not checksummed (Debian re-writes
 the gzip headers, and a user's own copy may be compressed differently); they are validated
 structurally instead (gzip CRC, IDX magic number, dimensions, sizes, label range).
@@ -16,7 +18,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_open
 from .dataset import DATA_ENV, DatasetError, ImageDataset, cache_dir
 
 __all__ = ["load_fashion_mnist", "FASHION_MNIST_URL", "FASHION_MNIST_URL_ENV", "FASHION_MNIST_SYSTEM_DIR",
@@ -67,10 +69,10 @@ _FMNIST_CLASSES = (
 
 
 def _fmnist_search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
-    dirs: list[Path] = []
     if root is not None:
         r = Path(root).expanduser()
-        dirs += [r, r / "fashion-mnist"]
+        return [r, r / "fashion-mnist"]
+    dirs: list[Path] = []
     env = os.environ.get(DATA_ENV)
     if env:
         e = Path(env).expanduser()
@@ -96,6 +98,14 @@ def load_fashion_mnist(
         img, lbl = _find_idx(d, img_name), _find_idx(d, lbl_name)
         if img is not None and lbl is not None:
             return _fmnist_from_files(img, lbl, downloaded=False)
+    if root is not None:   # the user named the folder: use it or say so, never fall back to another copy
+        state = "it exists" if searched[0].is_dir() else "it does not exist"
+        raise DatasetError(
+            f"Fashion-MNIST {split} files {img_name} and {lbl_name} are not in the data folder {searched[0]} "
+            f"({state}) nor in its fashion-mnist subfolder: fix the path, put the files there (the Debian "
+            f"package `dataset-fashion-mnist` installs them in {FASHION_MNIST_SYSTEM_DIR}), or leave out the "
+            f"data folder (root, --data-dir) to use the standard places or the download."
+        )
     where = "\n  ".join(str(d) for d in searched)
     if not download:
         raise DatasetError(
@@ -197,39 +207,32 @@ def _download(url: str, dest: Path, md5: str, hint: str = "") -> None:
     unverified is ever left behind.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.md5()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as resp:
-                    total = resp.headers.get("Content-Length")
-                    bar = _progress(int(total) if total else None, f"download {dest.name}")
-                    try:
-                        while chunk := resp.read(1 << 20):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            if bar is not None:
-                                bar.update(len(chunk))
-                    finally:
+    with atomic_open(dest, "wb", suffix=".part") as out:   # a failed check below discards the file
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
+                total = resp.headers.get("Content-Length")
+                bar = _progress(int(total) if total else None, f"download {dest.name}")
+                try:
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
                         if bar is not None:
-                            bar.close()
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise DatasetError(
-                    f"could not download {url} to {dest} ({type(exc).__name__}: {exc}). "
-                    f"No network? {hint}"
-                ) from exc
+                            bar.update(len(chunk))
+                finally:
+                    if bar is not None:
+                        bar.close()
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise DatasetError(
+                f"could not download {url} to {dest} ({type(exc).__name__}: {exc}). "
+                f"No network? {hint}"
+            ) from exc
         got = digest.hexdigest()
         if got != md5:
             raise DatasetError(
                 f"checksum mismatch for {url}: MD5 {got}, expected {md5}; the download was "
                 f"discarded (nothing written to {dest}). Retry, or {hint}"
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _progress(total: int | None, desc: str) -> Any:
