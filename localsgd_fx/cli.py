@@ -171,6 +171,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from passes.inspection import to_dot
 
     from .api import compile_localsgd
+    from .atomic import atomic_write_text
 
     model = models_zoo.get_model(args.model, args.num_classes, args.in_channels)
     example = torch.randn(2, args.in_channels, args.image_size, args.image_size)
@@ -181,7 +182,7 @@ def _inspect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dot_path = out / f"{args.model}_t{args.transition}.dot"
-    dot_path.write_text(to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
+    atomic_write_text(dot_path, to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
     print(f"DOT: {dot_path}")
     if shutil.which("dot"):
         png = dot_path.with_suffix(".png")

@@ -20,7 +20,7 @@ import torch
 
 from .dataset import DATA_ENV, DatasetError, ImageDataset, cache_dir
 
-__all__ = ["load_cifar", "CIFAR_URL", "CIFAR_NAMES"]
+__all__ = ["load_cifar", "CIFAR_URL"]
 
 #: Where to get CIFAR-10/100.
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -66,9 +66,6 @@ _CIFAR = {
         std=(0.2673, 0.2564, 0.2762),
     ),
 }
-#: The CIFAR datasets :func:`load_cifar` knows.
-CIFAR_NAMES = tuple(_CIFAR)
-
 
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that only reconstructs numpy arrays/dtypes (what the CIFAR files contain)."""
@@ -187,6 +184,7 @@ def _extract_cifar(spec: _CifarSpec, archive: Path, needed: Sequence[str]) -> Pa
 
 
 def load_cifar(name: str, split: str, root: str | os.PathLike[str] | None) -> ImageDataset:
+    """``split`` of ``name`` (``"cifar10"`` / ``"cifar100"``); see :func:`localsgd_fx.data.load_dataset`."""
     spec = _CIFAR[name]
     folder = _locate_cifar(spec, split, root)
     datas, labels = [], []

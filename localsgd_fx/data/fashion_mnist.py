@@ -92,6 +92,7 @@ def _find_idx(directory: Path, gz_name: str) -> Path | None:
 def load_fashion_mnist(
     split: str, root: str | os.PathLike[str] | None, download: bool
 ) -> ImageDataset:
+    """The Fashion-MNIST ``split``; see :func:`localsgd_fx.data.load_dataset`."""
     img_name, lbl_name = _FMNIST_FILES[split]
     searched = _fmnist_search_dirs(root)
     for d in searched:
