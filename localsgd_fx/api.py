@@ -15,16 +15,21 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import LocalSGDError
-from passes.inspection import layer_table, speed_bound
+from passes.inspection import LAYER_COLUMNS, layer_rows
 from passes.layers import LayerOrder, find_layers
+from passes.partition import check_transition
 from passes.rewrite import LocalUpdateSpec, rewrite
 from passes.trace import trace
 
+from .cost import speed_bound
+from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
 from .schedules import EpochStats, Manual, PlainSGD, Schedule, make_schedule
 from .supervision import WeakSupervision
+
+__all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_LOCAL_LR", "DEFAULT_SAMPLE_FRACTION"]
 
 DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
 #: Each local update is computed from this fraction of the batch. A quarter makes the update GEMM
@@ -159,9 +164,7 @@ class LocalSGDModule(nn.Module):
 
     def set_transition(self, t: int, *, force: bool = False) -> None:
         """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= len(self._order):
-            raise LocalSGDError(f"transition {t!r} is out of range: this model has {len(self._order)} layers, so t "
-                                f"must be an int in 0..{len(self._order)}")
+        check_transition(self._order, t)
         if t < self.transition and not force:
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")
@@ -226,7 +229,7 @@ class LocalSGDModule(nn.Module):
         text = "\n".join([
             f"{type(self.model).__name__}: {len(self._order)} layers, transition t={self.transition}, "
             f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
-            layer_table(self._order, self.transition),
+            format_table(layer_rows(self._order, self.transition), LAYER_COLUMNS),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "

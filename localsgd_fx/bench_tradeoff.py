@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic import atomic_write_text
 from .metrics import format_table
 from .runtime import COMPILE_MODES, resolve_device
 from .train import AMP_DTYPES, Trainer, TrainConfig, load_data
@@ -189,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = _report(runs, args.seeds, base.to_dict(), out,
                       memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
     json_path = out / "tradeoff.json"
-    json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms, "machine": _machine(base),
-                                     "wall_time_s": wall_time_s, "summary": summary, "runs": runs},
-                                    indent=1, default=str))
+    atomic_write_text(json_path, json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms,
+                                             "machine": _machine(base), "wall_time_s": wall_time_s, "summary": summary,
+                                             "runs": runs}, indent=1, default=str))
     print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)")
     return 0
 

@@ -9,25 +9,20 @@
   (:mod:`localsgd_fx.bench_tradeoff`).
 * ``localsgd bench step`` - per-step time and memory vs ``t`` (:mod:`localsgd_fx.bench`).
 
-Errors (bad names, missing data, incompatible checkpoints) print one line and exit with status 2;
-Ctrl-C exits with 130 and leaves the last checkpoint intact.
+Errors (bad names or values, missing data, incompatible checkpoints, a run folder in use) print one
+line and exit with status 2; Ctrl-C exits with 130 and leaves the last checkpoint intact.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import shutil
+import subprocess
 import sys
+import time
+from dataclasses import fields
+from pathlib import Path
 
-# Short OpenMP spin-waits: on 2 shared CPU cores, busy-waiting threads steal the other process's
-# core (measured: 1.5-3x the CPU time per step under load). libgomp reads the variable once, when
-# torch loads it; the package imports torch lazily, so this line runs first.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import fields  # noqa: E402
-from pathlib import Path  # noqa: E402
+from passes.errors import LocalSGDError
 
 __all__ = ["main", "build_parser"]
 
@@ -40,7 +35,9 @@ TRAIN_DESCRIPTION = (
     "images, 8 epochs, hebbian rule, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
     "for the full dataset.")
 
-_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+#: Printed as one line with exit status 2: the library's errors, ValueError (Python's error for a bad
+#: argument, raised by the zoo, the schedules and the rules) and OSError (a file that cannot be read or written).
+_ERRORS: tuple[type[BaseException], ...] = (LocalSGDError, ValueError, OSError)
 
 
 def _int_or_float(text: str) -> int | float:
@@ -179,6 +176,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from passes.inspection import to_dot
 
     from .api import compile_localsgd
+    from .atomic import atomic_write_text
 
     model = models_zoo.get_model(args.model, args.num_classes, args.in_channels)
     example = torch.randn(2, args.in_channels, args.image_size, args.image_size)
@@ -189,7 +187,7 @@ def _inspect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dot_path = out / f"{args.model}_t{args.transition}.dot"
-    dot_path.write_text(to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
+    atomic_write_text(dot_path, to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
     print(f"DOT: {dot_path}")
     if shutil.which("dot"):
         png = dot_path.with_suffix(".png")
@@ -201,20 +199,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(which: str, argv: list[str]) -> int:
-    import importlib
-
     if which == "tradeoff":
         from .bench_tradeoff import main as tradeoff_main
         return tradeoff_main(argv)
-    try:
-        bench = importlib.import_module("localsgd_fx.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != "localsgd_fx.bench":
-            raise
-        bench = None
-    if not hasattr(bench, "main_step"):
-        raise ValueError("'bench step' is not available in this installation (localsgd_fx.bench.main_step is missing)")
-    return int(bench.main_step(argv) or 0)
+    from .bench import main_step
+    return main_step(argv)
 
 
 if __name__ == "__main__":

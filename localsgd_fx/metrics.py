@@ -39,12 +39,13 @@ import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_write_text
 
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -53,8 +54,7 @@ COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss"
 #: Columns that measure time (they differ between otherwise identical runs).
 TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
 
-__all__ = ["COLUMNS", "TIME_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table",
-           "atomic_write_text"]
+__all__ = ["COLUMNS", "TIME_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table"]
 
 
 def columns_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -84,19 +84,6 @@ def write_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
     return atomic_write_text(out / "metrics.jsonl", lines), atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class SavedActivationMeter:
     """Counts the bytes autograd saves for backward while active (each storage once).
 
@@ -114,7 +101,16 @@ class SavedActivationMeter:
         self._seen: set[tuple[int, int]] = set()
         self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
+    @classmethod
+    def measure(cls, fn: Callable[[], Any]) -> int:
+        """Bytes saved for backward while ``fn()`` runs."""
+        with cls() as meter:
+            fn()
+        return meter.bytes
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "meta":   # no memory behind it
+            return tensor
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in self._seen:

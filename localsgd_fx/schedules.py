@@ -298,8 +298,9 @@ class Static(Schedule):
     Args:
         kind: ``"linear"``, ``"quadratic"`` or ``"exponential"``.
         c1: the most layers ever local. An int ``>= 1`` is a number of layers; a float in
-            ``(0, 1]`` is a fraction of ``num_layers`` (floored). Either way it is capped at
-            ``max_local``. Note ``c1=1`` is one layer while ``c1=1.0`` is all of them.
+            ``(0, 1]`` is a fraction of ``num_layers`` (floored), capped at ``max_local``; an int
+            above ``max_local`` is refused at :meth:`bind`. Note ``c1=1`` is one layer while
+            ``c1=1.0`` is all of them.
         c2: the epoch at which local updates begin. An int ``>= 0`` is an epoch; a float in
             ``[0, 1)`` is a fraction of ``total_epochs`` (floored). Must resolve below
             ``total_epochs``.
@@ -373,6 +374,11 @@ class Static(Schedule):
             )
         self._check_c2(self.total_epochs)
         assert self.num_layers is not None and self.max_local is not None
+        if isinstance(self.c1, int) and self.c1 > self.max_local:   # a count the user wrote: never cut silently
+            raise ValueError(
+                f"c1={self.c1} layers is more than may turn local: max_local={self.max_local} of this model's "
+                f"{self.num_layers} layers; pass c1 <= {self.max_local}, or a fraction in (0, 1]"
+            )
         layers = self.c1 if isinstance(self.c1, int) else math.floor(self.c1 * self.num_layers)
         self.c1_layers = min(layers, self.max_local)
         self.c2_epochs = self._c2_epochs(self.total_epochs)

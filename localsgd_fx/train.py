@@ -41,16 +41,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import models_zoo
+from passes.errors import LocalSGDError
 
 from .api import DEFAULT_LOCAL_LR, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
+from .atomic import atomic_write_text
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .data import Batches, ImageDataset, load_dataset
+from .lock import RunLock
 from .metrics import SavedActivationMeter, format_table, write_metrics
 from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
+__all__ = ["TrainConfig", "ConfigError", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
 
 # ---------------------------------------------------------------------------------------------
 # The default run (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
@@ -66,9 +69,18 @@ MAIN_TEST_SUBSET = 2000
 STEP_MILESTONES, STEP_GAMMA = (0.5, 0.75), 0.1
 #: Data subsets are drawn with this seed whatever ``seed`` is, so every seed sees the same images.
 SUBSET_SEED = 0
-#: Config fields that steer the run but not its numbers (ignored when comparing with a checkpoint).
+#: The files a run writes into its folder (``--overwrite`` deletes them before starting over).
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "metrics.jsonl", "metrics.csv", "summary.json", "transition.png",
+             "accuracy_vs_time.png")
+#: Config fields that steer the run but not its numbers: a resumed run may change them; any other
+#: difference from the checkpoint's config (``epochs`` included: it shapes the LR and static schedules)
+#: is refused.
 RUN_CONTROL = ("data_dir", "out", "resume", "overwrite", "stop_after", "progress", "device", "compile",
                "eval_batch_size")
+
+
+class ConfigError(LocalSGDError, ValueError):
+    """A configuration value or combination that cannot run; the message names the field and what is valid."""
 
 
 @dataclass
@@ -121,10 +133,15 @@ class TrainConfig:
     eval_batch_size: int = 512
 
     def validate(self) -> "TrainConfig":
-        """Check every field; raises ``ValueError`` naming the field, its value and what is valid."""
+        """Check every field; raises :class:`ConfigError` naming the field, its value and what is valid."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
+
+        for name in ("lr", "momentum", "weight_decay", "local_lr", "sample_fraction", "alpha", "shift", "c1", "c2"):
+            value = getattr(self, name)   # inf/nan pass the range checks below (and inf > 0)
+            need(value is None or (isinstance(value, (int, float)) and math.isfinite(value)),
+                 f"{name} must be a finite number, got {value!r}")
 
         for name in ("epochs", "batch_size", "eval_batch_size"):
             need(_pos_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -137,6 +154,10 @@ class TrainConfig:
         need(self.lr_schedule in ("cosine", "step"), f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.local_lr >= 0, f"local_lr must be >= 0, got {self.local_lr}")
+        need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        need(not (self.resume and self.overwrite),
+             "resume and overwrite exclude each other: --resume continues the run in --out, --overwrite starts it over")
         need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
@@ -166,7 +187,7 @@ def schedule_kwargs(config: TrainConfig) -> dict[str, Any]:
     stray = sorted(set(given) - set(own))
     if stray:
         users = "dynamic" if stray[0] in ("alpha", "shift") else "static/quadratic/linear/exponential"
-        raise ValueError(f"--{stray[0]} is an option of the {users} schedule, not of schedule {config.schedule!r}")
+        raise ConfigError(f"--{stray[0]} is an option of the {users} schedule, not of schedule {config.schedule!r}")
     return given
 
 
@@ -229,14 +250,19 @@ class TrainResult:
 
 
 def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    """The train and test splits of ``config.dataset``, cut to the configured subsets."""
-    train = load_dataset(config.dataset, "train", config.data_dir)
-    test = load_dataset(config.dataset, "test", config.data_dir)
-    if config.train_subset:
-        train = train.subset(config.train_subset, seed=SUBSET_SEED)
-    if config.test_subset:
-        test = test.subset(config.test_subset, seed=SUBSET_SEED)
-    return train, test
+    """The train and test splits of ``config.dataset``, cut to the configured subsets.
+
+    A subset larger than its split is refused (:class:`ConfigError`) rather than cut to the split,
+    which would make the run report a size it did not train on.
+    """
+    splits = []
+    for split, size in (("train", config.train_subset), ("test", config.test_subset)):
+        data = load_dataset(config.dataset, split, config.data_dir)
+        if size and size > len(data):
+            raise ConfigError(f"--{split}-subset {size} asks for more images than the {config.dataset} {split} split "
+                              f"holds ({len(data)}): pass at most {len(data)}, or 0 for the whole split")
+        splits.append(data.subset(size, seed=SUBSET_SEED) if size else data)
+    return splits[0], splits[1]
 
 
 #: ``--amp`` -> autocast dtype
@@ -432,12 +458,8 @@ class Trainer:
                 "rng": self.rng, "metrics": list(self.metrics)}
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
-        """Restore a checkpoint; refuses one of another model/dataset/rule/schedule (:class:`CheckpointError`)."""
-        differ = [k for k in check_compatible(state, self.config.to_dict(), path) if k not in RUN_CONTROL]
-        if differ:
-            saved = state["config"]
-            self.log("warning: resuming with changed " + ", ".join(
-                f"{k} ({saved[k]!r} -> {getattr(self.config, k)!r})" for k in differ))
+        """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside :data:`RUN_CONTROL`."""
+        check_compatible(state, self.config.to_dict(), path, ignore=RUN_CONTROL)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -447,7 +469,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
-        """Train until ``epochs`` (or ``stop_after``), checkpointing and logging every epoch."""
+        """Train until ``epochs`` (or ``stop_after``), checkpointing and logging every epoch.
+
+        The run folder is locked meanwhile (:class:`~localsgd_fx.lock.RunLock`): a second run into it
+        is refused with :class:`~localsgd_fx.lock.RunFolderBusy`.
+        """
+        if self.out_dir is None:
+            return self._fit()
+        with RunLock(self.out_dir, log=self.log):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         ckpt = self._prepare_out_dir()
         for cb in self.callbacks:
@@ -471,7 +503,7 @@ class Trainer:
                        "compile_s": sum(r["compile_s"] for r in self.metrics),
                        "compile_decisions": [d.as_dict() for d in self.model.compile_decisions],
                        "last_epoch": self.metrics[-1] if self.metrics else None}
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         for cb in self.callbacks:
             _call(cb, "on_train_end", self, result)
         return result
@@ -499,8 +531,11 @@ class Trainer:
         elif ckpt.exists() and not self.config.overwrite:
             raise CheckpointError(f"{ckpt} already exists: pass --resume to continue that run, --overwrite to "
                                   "start over, or another --out")
+        elif self.config.overwrite:   # the old run's record must not stand beside the new run's config
+            for name in RUN_FILES:
+                (self.out_dir / name).unlink(missing_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
         return ckpt
 
     def _epoch_line(self, r: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+import models_zoo
 from conftest import RefGeometry, clone_state, ref_new_weight
 from localsgd_fx import Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.ops import LOCAL_UPDATE
@@ -504,3 +507,19 @@ def test_cuda_one_compile_per_distinct_t():
         lm.set_transition(t)
         lm(x).sum().backward()
     assert lm.compile_count == 3
+
+
+def test_compiled_zoo_model_pickles_and_torch_saves():
+    torch.manual_seed(0)
+    lm = compile_localsgd(models_zoo.get_model("smallcnn", 10, 1), schedule="manual", sample_fraction=1.0)
+    lm.set_transition(2)
+    x = torch.randn(4, 1, 28, 28)
+    buf = io.BytesIO()
+    torch.save(lm, buf)
+    for loaded in (pickle.loads(pickle.dumps(lm)), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)):
+        assert loaded.transition == 2 and loaded.layer_order.names == lm.layer_order.names
+        twin = copy.deepcopy(lm)
+        assert_close(loaded(x), twin(x), rtol=0, atol=0)                 # a train step: local updates included
+        assert_close(loaded.model.features[0][0].weight, twin.model.features[0][0].weight, rtol=0, atol=0)
+        loaded.eval(), twin.eval()
+        assert_close(loaded(x), twin(x), rtol=0, atol=0)

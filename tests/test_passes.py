@@ -31,10 +31,13 @@ from conftest import (CallRecorder, build, clone_state, cnn_specs, examples, exp
                       module_geometry, prefix_parameters, randomize_batchnorm, ref_new_weight, run_recording_saved, saved_bytes,
                       check_nothing_saved_from_prefix)
 from localsgd_fx import LocalSGDError, compile_localsgd
+from localsgd_fx.cost import speed_bound
+from localsgd_fx.metrics import format_table
 from localsgd_fx.ops import LOCAL_UPDATE
-from passes import find_layers, layer_table, partition, rewrite, speed_bound, to_dot, trace
+from passes import LAYER_COLUMNS, find_layers, layer_rows, partition, rewrite, to_dot, trace
 from passes.partition import check_transition
-from passes.rewrite import PARTITION_META, LocalUpdateSpec
+from passes.inspection import REGION_COLOURS
+from passes.rewrite import PARTITION_META, ROLE_META, LocalUpdateSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 RULES = ["hebbian", "oja", "softhebb", "freeze"]
@@ -514,7 +517,7 @@ def test_find_layers_orders_shortcut_beside_first_conv_and_counts_flops():
     shares = order.flop_shares()
     assert shares is not None and abs(sum(shares) - 1) < 1e-12
     assert order.local_fraction(2) == pytest.approx(shares[0] + shares[1])
-    table = layer_table(order, 2)
+    table = format_table(layer_rows(order, 2), LAYER_COLUMNS)
     assert "LOCAL" in table.splitlines()[2] and "SGD" in table.splitlines()[-1]
 
 
@@ -543,6 +546,30 @@ def test_partition_and_rewrite_direct():
     assert_close(same(x), gm(x))
     dot = to_dot(new)
     assert dot.startswith('digraph "localsgd"') and "penwidth" in dot and dot.rstrip().endswith("}")
+
+
+def test_to_dot_reads_node_roles_from_the_rewrite_meta_not_from_names():
+    class Named(nn.Module):   # user nodes whose names look like the rewrite's own
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.Linear(2, 3)
+            self.out_detached, self.grad_enabled = nn.ReLU(), nn.Identity()
+
+        def forward(self, x):
+            h = self.conv2(torch.relu(self.conv1(x)))
+            return self.fc(self.grad_enabled(self.out_detached(h)).mean((2, 3)))
+
+    gm = trace(Named())
+    new = rewrite(gm, find_layers(gm), 1, LocalUpdateSpec(op=LOCAL_UPDATE, lr=torch.tensor(0.0), rule="hebbian"))
+    roles = {n.name: n.meta.get(ROLE_META) for n in new.graph.nodes}
+    assert roles["conv1"] == "local_update" and roles["relu_detached"] == "crossing"
+    assert sorted(r for r in roles.values() if r == "grad_mode") == ["grad_mode"] * 3
+    assert roles["out_detached"] is None and roles["grad_enabled"] is None
+    lines = {line.split('"')[1]: line for line in to_dot(new).splitlines() if line.startswith('  "') and "->" not in line}
+    assert REGION_COLOURS["local"] in lines["conv1"] and "penwidth" in lines["conv1"]
+    assert REGION_COLOURS["crossing"] in lines["relu_detached"]
+    for name in ("out_detached", "grad_enabled", "conv2"):
+        assert REGION_COLOURS["sgd"] in lines[name] and "penwidth" not in lines[name], name
 
 
 def test_speed_bound_formula():

@@ -92,6 +92,15 @@ def test_static_c1_capped_at_max_local():
     assert run(s, 8, 5, range(1, 7)) == [1, 2, 3, 5, 5, 5]  # floor(5 u): 1.25, 2.5, 3.75, 5
 
 
+def test_static_int_c1_above_max_local_is_refused():
+    s = Static("linear", c1=9, c2=0, total_epochs=4)
+    with pytest.raises(ValueError, match=r"c1=9 layers is more than may turn local: max_local=5 of this model's 8"):
+        s.bind(8, 5)
+    assert not s.bound
+    s.bind(10, 9)                       # the same schedule fits a larger model
+    assert s.c1_layers == 9
+
+
 def test_static_total_epochs_from_bind_and_constructor_wins():
     s = Static("linear", c1=4, c2=0)
     s.bind(5, 4, total_epochs=4)
@@ -297,6 +306,8 @@ def test_static_constraints(scenario, args):
     n, max_local, total, epochs, norms_seq = scenario
     if isinstance(args["c2"], int):
         args["c2"] = args["c2"] % total  # keep it valid: an epoch below total_epochs
+    if isinstance(args["c1"], int):
+        args["c1"] = min(args["c1"], max_local) or 1.0  # keep it valid: layers that may turn local
     s = Static(args.pop("kind"), total_epochs=total, **args)
     check_constraints(run(s, n, max_local, epochs, norms_seq), max_local)
 

@@ -8,15 +8,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from localsgd_fx import LocalSGDError
 from localsgd_fx.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint,
                                     save_checkpoint)
+from localsgd_fx.data import DatasetError
+from localsgd_fx.lock import LOCK_NAME, RunFolderBusy
 from localsgd_fx.metrics import COLUMNS, TIME_COLUMNS
-from localsgd_fx.train import Callback, Trainer, TrainConfig, fit
+from localsgd_fx.train import Callback, ConfigError, Trainer, TrainConfig, fit
 
 
 def config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
@@ -73,6 +79,7 @@ def test_keyboard_interrupt_keeps_last_checkpoint(data_dir, tmp_path):
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and len(state["metrics"]) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / LOCK_NAME).exists()                          # the run folder is free again
     resumed = fit(config(data_dir, tmp_path, resume=True), log=None)   # and it resumes
     assert [r["epoch"] for r in resumed.metrics] == [1, 2, 3, 4]
 
@@ -154,3 +161,87 @@ def test_bad_config_values_are_named():
         TrainConfig(model="nope").validate()
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0).validate()
+
+
+def test_resume_with_other_hyperparameters_is_refused_and_changes_nothing(data_dir, tmp_path):
+    fit(config(data_dir, tmp_path, stop_after=1), log=None)
+    files = {p.name: digest(p) for p in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError) as info:
+        fit(config(data_dir, tmp_path, resume=True, lr=0.5, local_lr=0.01), log=None)
+    msg = str(info.value)
+    assert "--local-lr 0.0001 in the checkpoint, 0.01 given; --lr 0.05 in the checkpoint, 0.5 given" in msg
+    assert "another --out" in msg and "\n" not in msg
+    with pytest.raises(CheckpointError, match="--epochs 4 in the checkpoint, 6 given.*--stop-after"):
+        fit(config(data_dir, tmp_path, resume=True, epochs=6), log=None)
+    assert {p.name: digest(p) for p in tmp_path.iterdir()} == files     # config.json included: nothing recorded
+    # what only steers the run may change
+    resumed = fit(config(data_dir, tmp_path, resume=True, stop_after=2, eval_batch_size=100, device="cpu",
+                         compile="off"), log=None)
+    assert [r["epoch"] for r in resumed.metrics] == [1, 2]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["lr"], saved["local_lr"], saved["eval_batch_size"]) == (0.05, config(data_dir, None).local_lr, 100)
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """A second process that takes the run folder's lock and keeps it until its stdin closes."""
+    code = ("import sys; from localsgd_fx.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); sys.stdin.read()")   # exits without releasing: a stale lock
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).parents[1])
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_run_folder_is_locked_against_a_second_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    child = _hold_lock(out)
+    try:
+        with pytest.raises(RunFolderBusy) as info:
+            fit(config(data_dir, out, epochs=1), log=None)
+        assert f"process {child.pid} on host {socket.gethostname()}" in str(info.value)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]     # the refused run wrote nothing
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+    # the holder died without releasing it: its lock is stale and is taken over, with a note
+    notes: list[str] = []
+    result = fit(config(data_dir, out, epochs=1), log=notes.append)
+    assert len(result.metrics) == 1 and f"from process {child.pid}" in notes[0] and "no longer runs" in notes[0]
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_refusals_leave_no_folder_and_no_lock(data_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        fit(config(data_dir, tmp_path / "new", resume=True), log=None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_starts_over_without_the_old_record(data_dir, tmp_path):
+    fit(config(data_dir, tmp_path, epochs=2), log=None)
+
+    class Interrupt(Callback):
+        def on_step_end(self, trainer, step, loss):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):   # the new run stops in its first step
+        fit(config(data_dir, tmp_path, epochs=3, lr=0.02, overwrite=True), callbacks=[Interrupt()], log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.02
+
+
+def test_oversized_subset_is_refused(data_dir):
+    with pytest.raises(ConfigError, match=r"--train-subset 1000 asks for more images than the fashion-mnist train "
+                                          r"split holds \(256\): pass at most 256, or 0"):
+        Trainer(config(data_dir, None, train_subset=1000), log=None)
+    assert len(Trainer(config(data_dir, None, train_subset=256), log=None).train_set) == 256
+
+
+def test_library_errors_share_one_base():
+    for error in (ConfigError, CheckpointError, DatasetError):
+        assert issubclass(error, LocalSGDError) and issubclass(error, ValueError)
+    assert issubclass(RunFolderBusy, LocalSGDError)
+    with pytest.raises(ConfigError, match="resume and overwrite exclude each other"):
+        TrainConfig(resume=True, overwrite=True).validate()
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="local_lr must be a finite number"):
+            TrainConfig(local_lr=value).validate()
