@@ -9,16 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import RefGeometry, clone_state, ref_new_weight
+from helpers.devices import requires_cuda
+from helpers.references import RefGeometry, ref_new_weight
+from helpers.state import clone_state
 from localsgd_fx import Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.ops import LOCAL_UPDATE
 from passes.rewrite import PARTITION_META
 
-
-
-def cuda(test):
-    """Marked ``cuda`` and skipped cleanly without a CUDA device."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+pytestmark = pytest.mark.single_thread
 
 
 class Net(nn.Module):
@@ -498,7 +496,7 @@ def test_cpu_torch_compile_matches_eager():
     assert compiled.compile_count == 1 and eager.compile_count == 0
 
 
-@cuda
+@requires_cuda
 def test_cuda_auto_compiles_and_matches_eager():
     torch.manual_seed(0)
     model = make().cuda()
@@ -514,7 +512,7 @@ def test_cuda_auto_compiles_and_matches_eager():
     assert compiled.compile_count == 1
 
 
-@cuda
+@requires_cuda
 def test_cuda_one_compile_per_distinct_t():
     model = make().cuda()
     lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
