@@ -14,7 +14,6 @@ For random models and random ``t`` (see ``helpers.random_cnn``: mostly branching
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import networkx as nx
@@ -27,6 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
+from helpers.golden import check_golden
 from helpers.hypothesis_profile import examples
 from helpers.prefix_oracle import expected_prefix, prefix_parameters
 from helpers.random_cnn import build, cnn_specs, randomize_batchnorm, transitions
@@ -473,17 +473,11 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
-@pytest.mark.parametrize("t", [2])
+@pytest.mark.parametrize("t", [1, 2, 3])
 def test_golden_rewritten_code(t):
     lm = compile_localsgd(TinyResNet(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(t)
-    code = lm.graph_module.code
-    path = GOLDEN / f"tiny_resnet_t{t}.py.txt"
-    if os.environ.get("LOCALSGD_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(code)
-    assert path.exists(), f"missing golden {path}; run with LOCALSGD_UPDATE_GOLDEN=1"
-    assert code == path.read_text(), f"rewritten code differs from {path} (LOCALSGD_UPDATE_GOLDEN=1 rewrites it)"
+    check_golden(lm.graph_module.code, GOLDEN / f"tiny_resnet_t{t}.py.txt")
 
 
 def test_golden_model_runs_and_matches_reference():
