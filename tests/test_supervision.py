@@ -43,6 +43,15 @@ def test_sign_sequence_by_hand():
     assert_close(torch.tensor(rates("sign", losses)), torch.tensor(expected))
 
 
+def test_sign_follows_the_average_not_the_last_loss():
+    """Sequences where "the loss rose since the average" and "since the last loss" disagree."""
+    # ema: 2 | 2.2 | 2.28 | 2.302: 3 and 2.5 fall against the last loss but rise above the average
+    assert_close(torch.tensor(rates("sign", [2.0, 4.0, 3.0, 2.5, 2.1])),
+                 torch.tensor([ETA, ETA, -ETA, -ETA, -ETA, ETA]))
+    # ema: 4 | 3.7: 1.5 rises against the last loss (1) but stays below the average
+    assert_close(torch.tensor(rates("sign", [4.0, 1.0, 1.5])), torch.tensor([ETA, ETA, ETA, ETA]))
+
+
 def test_scale_sequence_by_hand():
     # ema: 2 | 2.2 | 2.08 | 2.172 ; η = η0·min(1, ema/L)
     losses = [2.0, 4.0, 1.0, 3.0, float("-inf")]
