@@ -278,6 +278,22 @@ def test_state_dict_of_a_different_model_is_refused():
     assert other.transition == 0
 
 
+@pytest.mark.parametrize("version", [0, 2, None])
+def test_state_of_another_release_is_refused_and_leaves_state_untouched(version):
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
+    lm.set_transition(2)
+    lm.epoch = 4
+    state = copy.deepcopy(lm.state_dict())
+    state["_extra_state"]["version"] = version
+    fresh_model = make(seed=3)
+    before = clone_state(fresh_model)
+    fresh = compile_localsgd(fresh_model, schedule="manual", sample_fraction=1.0)
+    with pytest.raises(LocalSGDError, match=f"version {version!r}.*reads version 1"):
+        fresh.load_state_dict(state)
+    assert (fresh.transition, fresh.epoch) == (0, 0)
+    assert_close(clone_state(fresh_model), before, rtol=0, atol=0)   # no weight was loaded either
+
+
 def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
     lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(2)
