@@ -159,9 +159,9 @@ def test_incompatible_checkpoints_are_refused_without_overwriting(data_dir, tmp_
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_metrics_files_and_plots(data_dir, tmp_path, device):
-    epochs, lr, alpha = 3, 0.05, 0.3
+    epochs, lr, alpha, local_lr = 4, 0.05, 0.9, 1e-3     # alpha 0.9: t moves at the end of epoch 3
     result = fit(config(data_dir, tmp_path, epochs=epochs, lr=lr, schedule="dynamic", c1=None, c2=None, alpha=alpha,
-                        device=device, compile="off"), log=None)
+                        shift=1, local_lr=local_lr, device=device, compile="off"), log=None)
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == epochs
@@ -169,12 +169,13 @@ def test_metrics_files_and_plots(data_dir, tmp_path, device):
     assert header[:len(COLUMNS)] == list(COLUMNS)
     assert {"sched_delta", "sched_running_avg", "sched_threshold", "sched_moved"} <= set(header)   # δ, W̄
     jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in jsonl] == [1, 2, 3] and set(COLUMNS) <= set(jsonl[0])
+    assert [r["epoch"] for r in jsonl] == [1, 2, 3, 4] and set(COLUMNS) <= set(jsonl[0])
     for row, rec in zip(rows, jsonl):            # the two files say the same
         assert {k: ("" if v is None else str(v)) for k, v in rec.items()} == row
 
     # the transition chain: each epoch trains with the t chosen at the end of the previous one
     assert jsonl[0]["t"] == 0 and jsonl[-1]["t_next"] == result.model.transition
+    assert any(rec["t_next"] > rec["t"] for rec in jsonl), "the transition never moved: nothing to check"
     for prev, rec in zip(jsonl, jsonl[1:]):
         assert rec["t"] == prev["t_next"] >= prev["t"]
     for rec in jsonl:
@@ -187,7 +188,7 @@ def test_metrics_files_and_plots(data_dir, tmp_path, device):
         assert rec["sched_moved"] == float(rec["t_next"] > rec["t"])
         # per-iteration cosine, read at the end of epoch e: lr0 * (1 + cos(pi * e / epochs)) / 2
         assert rec["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * rec["epoch"] / epochs)) / 2, abs=1e-12)
-        assert rec["local_lr"] == pytest.approx(1e-4) or rec["local_lr"] == pytest.approx(-1e-4)
+        assert abs(rec["local_lr"]) == pytest.approx(local_lr)     # sign mode: ±η0
         # the memory columns of the device
         if device == "cpu":
             assert rec["saved_activation_mb"] > 0 and rec["cuda_peak_mb"] is None
@@ -200,7 +201,7 @@ def test_metrics_files_and_plots(data_dir, tmp_path, device):
     summary = result.summary()
     for item in ("final test accuracy", "train time", "final t", "local FLOP fraction", "speed", "transition.png"):
         assert item in summary
-    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == epochs
 
 
 def test_local_prefix_saves_less_activation_memory(data_dir):
