@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules (helper code lives in the ``helpers`` package next to this file).
 
-* every test starts from ``torch.manual_seed(0)`` and gets grad mode, default dtype, thread count
-  and deterministic-algorithm settings restored afterwards;
+* every test starts from ``torch.manual_seed(0)`` and gets grad mode, default dtype and thread
+  count restored afterwards;
 * ``@pytest.mark.single_thread`` (or a module's ``pytestmark``) runs a test on one intra-op thread:
   tiny float64 kernels are much slower on two contended OpenMP threads than on one;
 * ``cuda_deterministic``: run-to-run reproducible CUDA kernels, for tests that compare two runs;

@@ -61,7 +61,7 @@ def _conv_out(size: int, k: int, s: int, p: int | str, d: int) -> int:
 def _groups_and_out(draw, c_in: int, out_channels: int | None) -> tuple[int, int]:
     grouping = draw(st.sampled_from(["one", "one", "depthwise", "grouped"]))
     divisors = [g for g in range(2, c_in) if c_in % g == 0]
-    if grouping == "depthwise" and c_in > 1:
+    if grouping == "depthwise" and 1 < c_in <= MAX_CHANNELS:
         groups = c_in
         out = c_in * draw(st.sampled_from([1, 2])) if out_channels is None else None
     elif grouping == "grouped" and divisors:
