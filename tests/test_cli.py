@@ -125,7 +125,7 @@ def test_bench_tradeoff_quick(data_dir, tmp_path, capsys):
 
 def test_bench_tradeoff_arms_subset(data_dir, tmp_path, capsys):
     assert main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, "--epochs", "1", "--out", str(tmp_path),
-                 "--arms", "SGD", "freeze dynamic"]) == 0
+                 "--arms", "SGD", "freeze dynamic", "--device", "cpu"]) == 0
     assert list(json.loads((tmp_path / "tradeoff.json").read_text())["summary"]) == ["SGD", "freeze dynamic"]
     assert main(["bench", "tradeoff", "--quick", "--arms", "no such arm"]) == 2
     assert "invalid choice: 'no such arm'" in capsys.readouterr().err
