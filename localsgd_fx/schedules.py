@@ -438,7 +438,10 @@ class Dynamic(Schedule):
 
     1. ``W̄[l] <- beta * W̄[l] + (1 - beta) * delta_E[l]`` (line 1, evaluated first);
     2. if ``delta_E[t] < alpha * W̄[t]`` for the transition layer ``t``, propose ``t + shift``
-       (line 2); else keep ``t`` (line 4).
+       (line 2); else keep ``t`` (line 4). The comparison is strict, as in the paper (an exact tie
+       keeps ``t``), with one addition: ``delta_E[t] = 0`` always moves. A layer whose SGD update
+       vanished has nothing left to learn by SGD, and with ``<`` alone a layer whose updates were
+       all zero (``delta = W̄ = 0``, e.g. one that gets no gradient) would hold ``t`` for good.
 
     ``W̄[l]`` is initialised with the first ``delta`` seen for layer ``l`` (not zero: a zero
     start would bias the average low for ~1/(1-beta) = 10 epochs and delay the first move).
@@ -526,7 +529,7 @@ class Dynamic(Schedule):
             return t
         delta, avg = self.last_delta[t], self.running_avg[t]
         threshold = self.alpha * avg
-        move = stats.epoch > self.warmup_epochs and delta < threshold
+        move = stats.epoch > self.warmup_epochs and (delta < threshold or delta == 0.0)
         self._last = {"delta": delta, "running_avg": avg, "threshold": threshold,
                       "moved": float(move)}
         assert self.shift_layers is not None

@@ -12,16 +12,14 @@ from torch import nn
 from torch.testing import assert_close
 
 import models_zoo
-from conftest import RefGeometry, clone_state, ref_new_weight
+from helpers.devices import requires_cuda
+from helpers.references import RefGeometry, ref_new_weight
+from helpers.state import clone_state
 from localsgd_fx import Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.ops import LOCAL_UPDATE
 from passes.rewrite import PARTITION_META
 
-
-
-def cuda(test):
-    """Marked ``cuda`` and skipped cleanly without a CUDA device."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+pytestmark = pytest.mark.single_thread
 
 
 class Net(nn.Module):
@@ -283,6 +281,22 @@ def test_state_dict_of_a_different_model_is_refused():
     assert other.transition == 0
 
 
+@pytest.mark.parametrize("version", [0, 2, None])
+def test_state_of_another_release_is_refused_and_leaves_state_untouched(version):
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
+    lm.set_transition(2)
+    lm.epoch = 4
+    state = copy.deepcopy(lm.state_dict())
+    state["_extra_state"]["version"] = version
+    fresh_model = make(seed=3)
+    before = clone_state(fresh_model)
+    fresh = compile_localsgd(fresh_model, schedule="manual", sample_fraction=1.0)
+    with pytest.raises(LocalSGDError, match=f"version {version!r}.*reads version 1"):
+        fresh.load_state_dict(state)
+    assert (fresh.transition, fresh.epoch) == (0, 0)
+    assert_close(clone_state(fresh_model), before, rtol=0, atol=0)   # no weight was loaded either
+
+
 def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
     lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(2)
@@ -480,7 +494,7 @@ def test_deepcopy_and_state_of_the_wrapper():
 
 
 # --------------------------------------------------------------------- torch.compile
-@cuda
+@requires_cuda
 @pytest.mark.parametrize("mode", ["on", "reduce-overhead"])
 def test_cuda_compiled_matches_eager(mode):
     torch.manual_seed(0)
@@ -498,7 +512,7 @@ def test_cuda_compiled_matches_eager(mode):
     assert compiled.compile_count == 1
 
 
-@cuda
+@requires_cuda
 def test_cuda_one_compile_per_distinct_t():
     model = make().cuda()
     lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0, compile="on")

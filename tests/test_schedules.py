@@ -232,6 +232,26 @@ def test_dynamic_warmup_blocks_moves_but_records():
     assert s.select(stats(3, 0, 4, norms={0: 0.01, 1: 1.0, 2: 1.0, 3: 1.0})) == 1
 
 
+def test_dynamic_exact_tie_keeps_t():
+    """``δ < α·W̄`` is strict, as in the paper: δ exactly at the threshold keeps t."""
+    s = Dynamic(alpha=0.5, shift=1, beta=0.5, warmup_epochs=0)
+    assert s.select(stats(1, 0, 4, norms={0: 3.0, 1: 1.0, 2: 1.0, 3: 1.0})) == 0      # W̄0 = 3
+    # δ0 = 1 -> W̄0 = 0.5*3 + 0.5*1 = 2, threshold 0.5*2 = 1 = δ0 exactly (all exact in binary)
+    assert s.select(stats(2, 0, 4, norms={0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})) == 0
+    assert s.log_stats() == {"delta": 1.0, "running_avg": 2.0, "threshold": 1.0, "moved": 0.0}
+    # δ0 = 0.5 -> W̄0 = 1.25, threshold 0.625 > 0.5: below the threshold moves
+    assert s.select(stats(3, 0, 4, norms={0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0})) == 1
+
+
+def test_dynamic_zero_update_moves_even_with_a_zero_average():
+    """A layer whose SGD updates are all zero (δ = W̄ = 0, e.g. it gets no gradient) has nothing to
+    learn by SGD: it moves instead of holding t for good (0 < α·0 is false)."""
+    s = Dynamic(alpha=0.3, shift=1, warmup_epochs=1)
+    dead_two = {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    assert run(s, 4, 3, [1, 2, 3, 4, 5], [dead_two] * 5) == [0, 1, 2, 2, 2]
+    assert s.running_avg[0] == s.running_avg[1] == 0.0
+
+
 @pytest.mark.parametrize(
     "shift, n, expected",
     [(0.1, 5, 1), (0.1, 9, 1), (0.1, 10, 1), (0.1, 25, 2), (0.15, 20, 3), (1.0, 7, 7), (3, 50, 3)],
