@@ -7,8 +7,9 @@ moves. :class:`LocalSGDDataParallel` handles both:
 
 * DDP reduces only the gradients that exist at the current ``t`` (:func:`sgd_parameters`); the
   local prefix is ignored by it. When ``t`` moves, DDP is built anew at the next forward: once per
-  move, a bucket re-assignment with no communication. (``find_unused_parameters=True`` would
-  instead walk the autograd graph every step and still all-reduce the prefix's zero gradients.)
+  move, a bucket re-assignment (no weights are sent, only DDP's bucket layout, a few integers).
+  ``find_unused_parameters=True`` would instead walk the autograd graph every step and still
+  all-reduce the prefix's zero gradients.
 * The local layers' weights are averaged across ranks after every forward: one flat ``all_reduce``
   launched as the forward returns, so it runs during the backward, and applied when the step ends
   (:meth:`~LocalSGDDataParallel.observe_loss`). A local layer's weight has the size of the
