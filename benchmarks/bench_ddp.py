@@ -115,8 +115,8 @@ def time_table(args) -> str:
                    "--rounds", str(args.rounds), "--json", str(out), *(["--t", *map(str, args.t)] if args.t else [])]
             subprocess.run(cmd, check=True)
             results[n] = {int(t): v for t, v in json.loads(out.read_text()).items()}
-    rows = [(n, t, f"{v['step_ms']:.0f}", f"{v['after_move_ms']:.0f}", f"{results[1][t]['step_ms'] / v['step_ms']:.2f}x")
-            for n, by_t in results.items() for t, v in by_t.items()]
+    rows = [(n, t, f"{v['step_ms']:.0f}", f"{v['after_move_ms']:.0f}",
+             f"{results[1][t]['step_ms'] / v['step_ms']:.2f}x") for n, by_t in results.items() for t, v in by_t.items()]
     return (f"{args.model}, global batch {args.batch}, {os.cpu_count()} CPU cores, gloo\n\n"
             + format_table(rows, ("processes", "t", "step ms (median)", "step after a move of t, ms",
                                   "speedup vs 1 process"), markdown=True))

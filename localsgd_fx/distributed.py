@@ -169,8 +169,10 @@ def replica_max_abs_diff(module: nn.Module, group: dist.ProcessGroup | None = No
     forward and the next buffer broadcast each rank has its own BatchNorm statistics (as under
     DDP): measure after :meth:`LocalSGDDataParallel.end_epoch`.
     """
+    if not is_distributed():
+        return 0.0
     tensors = [t.detach() for t in (*module.parameters(), *module.buffers())]
-    if not is_distributed() or not tensors:
+    if not tensors:
         return 0.0
     worst = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
     for same in _by_dtype(tensors):
@@ -312,7 +314,8 @@ class LocalSGDDataParallel(nn.Module):
                 ddp.register_comm_hook(*self.comm_hook)
             self.__dict__["ddp"] = ddp
         if first:   # start from rank 0's state; DDP's own first broadcast skips what it ignores
-            rest = [p for _, p in named if id(p) not in grads] if self.ddp is not None else [*lm.parameters(), *lm.buffers()]
+            rest = ([p for _, p in named if id(p) not in grads] if self.ddp is not None
+                    else [*lm.parameters(), *lm.buffers()])
             _broadcast_([x.detach() for x in rest], self.process_group)
         else:
             self.rewraps += 1

@@ -276,9 +276,11 @@ class Trainer:
         augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
         n, shards = self.world_size, dict(shard=self.rank, num_shards=self.world_size)
         # a last global batch smaller than the process count would leave a process without data: drop it
+        tiny_tail = 0 < len(self.train_set) % (config.batch_size * n) < n
         self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
-                               device=self.device, drop_last=0 < len(self.train_set) % (config.batch_size * n) < n, **shards)
-        self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device, **shards)
+                               device=self.device, drop_last=tiny_tail, **shards)
+        self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
+                                    **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
@@ -318,8 +320,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen, step_time = 0, 0.0
-        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress or self.rank != 0,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or self.rank != 0, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
             s0 = time.perf_counter()
