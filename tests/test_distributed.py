@@ -184,7 +184,7 @@ def _config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
     would get none), and 127 test images in batches of 2 x 63 leave rank 1 an empty last part."""
     base = dict(model="smallcnn", data_dir=data_dir, train_subset=193, test_subset=127, eval_batch_size=63, epochs=3,
                 batch_size=32, lr=0.05, out=str(out) if out else None, progress=False, schedule="linear", c1=3, c2=0,
-                sample_fraction=0.5, augment=True)
+                sample_fraction=0.5, augment=True, device="cpu")   # gloo; also on machines with a GPU
     return TrainConfig(**{**base, **kw})
 
 
