@@ -226,9 +226,9 @@ class LocalSGDDataParallel(nn.Module):
     # ------------------------------------------------------------------------------ the step
     def forward(self, *args, **kwargs):
         lm = self.module
+        self.finish_step()                  # in case the previous step skipped observe_loss
         if not lm.training:                 # eval runs the untouched graph: nothing changes, nothing to sync
             return lm(*args, **kwargs)
-        self.finish_step()                  # in case the previous step skipped observe_loss
         if lm.transition != self._wrapped_t:
             self._wrap(first=False)
         if self.ddp is not None:
