@@ -8,6 +8,8 @@
 * ``localsgd bench tradeoff`` - SGD vs LoCal+SGD (static, dynamic) vs freeze, interleaved
   (:mod:`localsgd_fx.bench_tradeoff`).
 * ``localsgd bench step`` - per-step time and memory vs ``t`` (:mod:`localsgd_fx.bench`).
+* ``torchrun --nproc_per_node N -m localsgd_fx train ...`` - data-parallel training, one process per
+  shard of each global batch (:mod:`localsgd_fx.distributed`); rank 0 writes the files.
 
 Errors (bad names or values, missing data, incompatible checkpoints, a run folder in use) print one
 line and exit with status 2; Ctrl-C exits with 130 and leaves the last checkpoint intact.
@@ -74,7 +76,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="random crop + flip (default: on for CIFAR, off for Fashion-MNIST)")
     g = p.add_argument_group("SGD")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="(default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="(default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="per process; under torchrun the global batch is N x this (default %(default)s)")
     g.add_argument("--lr", type=float, default=d["lr"], help="(default %(default)s)")
     g.add_argument("--lr-schedule", default=d["lr_schedule"], choices=["cosine", "step"],
                    help="stepped per iteration: cosine to 0, or x0.1 at 50%% and 75%% of the epochs (default %(default)s)")
@@ -155,17 +158,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import gather_objects, process_group_from_env, rank
     from .train import TrainConfig, fit
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    if values["out"] is None:
-        if args.resume:
-            raise ValueError("--resume needs --out DIR: the folder of the run to continue")
-        values["out"] = f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for key in ("train_subset", "test_subset"):
-        values[key] = values[key] or None                # 0 = the whole split
-    result = fit(TrainConfig.from_dict(values))
-    print(result.summary())
+    if values["out"] is None and args.resume:
+        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
+    with process_group_from_env(args.device):           # under torchrun: one process per shard
+        if values["out"] is None:                       # rank 0's clock names the folder of every process
+            values["out"] = gather_objects(f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")[0]
+        for key in ("train_subset", "test_subset"):
+            values[key] = values[key] or None            # 0 = the whole split
+        result = fit(TrainConfig.from_dict(values))
+        if rank() == 0:
+            print(result.summary())
     return 0
 
 

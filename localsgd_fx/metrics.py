@@ -27,6 +27,9 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
                           (``compile="auto"`` decides per transition; its choices go to the log)
 ``lr``                    optimizer learning rate at the end of the epoch
 ``local_lr``              current (signed) local learning rate of weak supervision
+``world_size``            processes training the run (1 without torchrun)
+``replica_max_abs_diff``  largest ``|w - w_rank0|`` over all parameters and buffers of all
+                          processes at the end of the epoch (0.0: the replicas are identical)
 ``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
                           transition layer, ``running_avg`` = W̄, ``threshold``, ``moved``;
                           static: ``u``, ``f``, ``target``)
@@ -50,7 +53,7 @@ from .atomic import atomic_write_text
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "compiled", "compile_cache_hits", "lr", "local_lr")
+           "compile_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size", "replica_max_abs_diff")
 #: Columns that measure time (they differ between otherwise identical runs).
 TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
 

@@ -18,6 +18,11 @@ Determinism: the model is initialised from ``seed``; the batch order and augment
 next epoch. So on CPU ``epochs=4`` in one go and ``stop_after=2`` + ``resume`` give identical
 weights, transitions and metrics (apart from wall times).
 
+Data parallel: in a running ``torch.distributed`` group (``torchrun``) each process trains its
+shard of every global batch of N x ``batch_size`` through
+:class:`~localsgd_fx.distributed.LocalSGDDataParallel` and tests its shard of the test set (sums
+all-reduced); rank 0 alone logs and writes files; the checkpoint holds every process's RNG state.
+
 Example::
 
     >>> from localsgd_fx.train import TrainConfig, fit
@@ -49,6 +54,7 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_co
                          restore_rng, save_checkpoint)
 from .data import Batches, ImageDataset, load_dataset
 from .lock import RunLock
+from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
 from .metrics import SavedActivationMeter, format_table, write_metrics
 from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
@@ -103,7 +109,7 @@ class TrainConfig:
     augment: bool | None = None          # None: random crop + flip for CIFAR, none for Fashion-MNIST
     # SGD
     epochs: int = MAIN_EPOCHS
-    batch_size: int = 128
+    batch_size: int = 128                # per process: under torchrun the global batch is N x batch_size
     lr: float = 0.1
     lr_schedule: str = "cosine"          # "cosine" | "step", stepped per iteration
     momentum: float = 0.9
@@ -315,7 +321,9 @@ class Trainer:
                  data: tuple[ImageDataset, ImageDataset] | None = None, log: Callable[[str], None] | None = print):
         self.config = config.validate()
         self.callbacks = list(callbacks or [])
-        self.log = log or (lambda _msg: None)
+        # under torch.distributed (torchrun) every process trains a shard; rank 0 alone logs and writes
+        self.rank, self.world_size = rank(), world_size()
+        self.log = log if log is not None and self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
         self.train_set, self.test_set = data if data is not None else load_data(config)
         torch.manual_seed(config.seed)
@@ -331,15 +339,22 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
         self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
-        self.batches = Batches(self.train_set, config.batch_size, augment=augment, seed=config.seed, device=self.device)
-        self.test_batches = Batches(self.test_set, config.eval_batch_size, shuffle=False, device=self.device)
+        n, shards = self.world_size, dict(shard=self.rank, num_shards=self.world_size)
+        # a last global batch smaller than the process count would leave a process without data: drop it
+        tiny_tail = 0 < len(self.train_set) % (config.batch_size * n) < n
+        self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
+                               device=self.device, drop_last=tiny_tail, **shards)
+        self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
+                                    **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
         self.rng = capture_rng()          # each trainer owns its RNG stream (interleaved arms stay independent)
+        self.rng_ranks = [self.rng]       # every process's, for the checkpoint (resume restores each its own)
         self.out_dir = Path(config.out) if config.out else None
 
     # ------------------------------------------------------------------------------ schedule
@@ -357,6 +372,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         """Train one epoch, run learning-mode selection, evaluate; returns (and stores) its record."""
         cfg, lm, cuda = self.config, self.model, self.device.type == "cuda"
+        step_model = self.data_parallel if self.data_parallel is not None else lm
         restore_rng(self.rng)
         lm.train()
         t = lm.transition
@@ -370,8 +386,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         progress = _ProgressReader(self.device)
-        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or self.rank != 0, leave=False, dynamic_ncols=True)
         channels_last = torch.channels_last if cfg.channels_last else torch.preserve_format
         start = time.perf_counter()
         # the step: nothing in it waits for the device (no .item(), no sync); values are read once per epoch
@@ -379,7 +395,7 @@ class Trainer:
             x = x.contiguous(memory_format=channels_last)
             measure = i == meter_step and not lm.is_compiled(t)   # hooks do not see inside compiled graphs
             with meter if measure else contextlib.nullcontext(), self.autocast():
-                out = lm(x)
+                out = step_model(x)
                 loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
@@ -390,26 +406,30 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             self.lr_scheduler.step()
-            lm.observe_loss(loss.detach())
+            step_model.observe_loss(loss.detach())
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             for cb in self.callbacks:
                 _call(cb, "on_step_end", self, i, loss.detach())
-            if cfg.progress and (i % 10 == 0 or i == steps - 1):
+            if not bar.disable and (i % 10 == 0 or i == steps - 1):
                 shown = progress.push(loss_sum, correct, seen)
                 if shown is not None:
                     bar.set_postfix({"t": t, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
             bar.update()
         p, bound = lm.local_fraction, lm.speed_bound    # of the transition used this epoch
         compiled = lm.is_compiled(t)
-        t_next = lm.end_epoch()
+        t_next = step_model.end_epoch()
         if cuda:
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
         bar.close()
         for decision in lm.compile_decisions[decisions_before:]:
             self.log(decision.line())
+        if self.world_size > 1:   # the epoch's figures over all processes
+            totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                 torch.tensor(float(seen), dtype=torch.float64, device=self.device)]))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         test_loss, test_acc, eval_time = self.evaluate()
         self.epoch += 1
         stats = lm.stats()
@@ -425,10 +445,12 @@ class Trainer:
             "compile_s": lm.compile_seconds - compile_before, "compiled": compiled,
             "compile_cache_hits": compile_cache_hits() - hits_before,
             "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
+            "world_size": self.world_size, "replica_max_abs_diff": replica_max_abs_diff(lm),
             **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
         }
         self.metrics.append(record)
         self.rng = capture_rng()
+        self.rng_ranks = gather_objects(self.rng)
         for cb in self.callbacks:
             _call(cb, "on_epoch_end", self, record)
         return record
@@ -441,11 +463,16 @@ class Trainer:
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         channels_last = torch.channels_last if self.config.channels_last else torch.preserve_format
         for x, y in self.test_batches.epoch(0):
+            if len(y) == 0:                 # a process's share of a last batch smaller than the process count
+                continue
             with self.autocast():
                 out = self.model(x.contiguous(memory_format=channels_last))
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
         self.model.train()
+        if self.world_size > 1:   # each process tested its shard of the test set
+            totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]))
+            loss_sum, correct = totals[0], totals[1]
         n = len(self.test_set)
         return loss_sum.item() / n, correct.item() / n, time.perf_counter() - start
 
@@ -455,7 +482,8 @@ class Trainer:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
-                "rng": self.rng, "metrics": list(self.metrics)}
+                "rng": self.rng, "metrics": list(self.metrics),
+                **({"rng_ranks": self.rng_ranks} if self.world_size > 1 else {})}
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
         """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside :data:`RUN_CONTROL`."""
@@ -466,6 +494,14 @@ class Trainer:
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
+        ranks = state.get("rng_ranks", [])
+        if len(ranks) == self.world_size > 1:   # each process continues its own random stream
+            self.rng = ranks[self.rank]
+        self.rng_ranks = list(ranks) if len(ranks) == self.world_size else [self.rng]
+        was = self.metrics[-1].get("world_size", 1) if self.metrics else self.world_size
+        if was != self.world_size:
+            self.log(f"warning: resuming a run of {was} process(es) with {self.world_size}: the global batch changes "
+                     f"from {was} x {self.config.batch_size} to {self.world_size} x {self.config.batch_size}")
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
@@ -474,7 +510,7 @@ class Trainer:
         The run folder is locked meanwhile (:class:`~localsgd_fx.lock.RunLock`): a second run into it
         is refused with :class:`~localsgd_fx.lock.RunFolderBusy`.
         """
-        if self.out_dir is None:
+        if self.out_dir is None or self.rank != 0:   # under torchrun, rank 0 holds the lock for all processes
             return self._fit()
         with RunLock(self.out_dir, log=self.log):
             return self._fit()
@@ -486,17 +522,18 @@ class Trainer:
             _call(cb, "on_train_start", self)
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         plots: dict[str, Path] = {}
+        writes = self.out_dir is not None and self.rank == 0
         while self.epoch < stop:
             rec = self.train_epoch()
             self.log(self._epoch_line(rec))
-            if self.out_dir is not None:
+            if writes:
                 save_checkpoint(self.state_dict(), ckpt)
                 write_metrics(self.metrics, self.out_dir)
                 plots = self.write_plots()
-        if self.out_dir is not None and self.metrics and not plots:
+        if writes and self.metrics and not plots:
             plots = self.write_plots()
         result = TrainResult(cfg, list(self.metrics), self.model, self.out_dir, ckpt, plots)
-        if self.out_dir is not None:
+        if writes:
             summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
                        "epochs": self.epoch, "final_transition": self.model.transition,
                        "local_flop_epochs": result.local_flop_epochs,
@@ -531,11 +568,12 @@ class Trainer:
         elif ckpt.exists() and not self.config.overwrite:
             raise CheckpointError(f"{ckpt} already exists: pass --resume to continue that run, --overwrite to "
                                   "start over, or another --out")
-        elif self.config.overwrite:   # the old run's record must not stand beside the new run's config
+        elif self.config.overwrite and self.rank == 0:   # the old run's record must not stand beside the new run's config
             for name in RUN_FILES:
                 (self.out_dir / name).unlink(missing_ok=True)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
         return ckpt
 
     def _epoch_line(self, r: dict[str, Any]) -> str:

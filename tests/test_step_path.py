@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd_fx import compile_localsgd
+from localsgd_fx import Dynamic, compile_localsgd
 from localsgd_fx.data import ImageDataset
 from localsgd_fx.runtime import AutoCompile, compile_mode
 from localsgd_fx.train import TrainConfig, Trainer
@@ -276,7 +276,7 @@ def test_expected_steps_at_transition():
     lm.end_epoch()
     lm(x)
     assert lm.expected_steps_at_transition() == 5 + 8 * 6
-    dyn = compile_localsgd(small_net(), schedule="dynamic", total_epochs=10)
+    dyn = compile_localsgd(small_net(), schedule=Dynamic(warmup_epochs=5), total_epochs=10)   # cannot move yet
     for epoch in range(2):
         for _ in range(6):
             dyn(x)

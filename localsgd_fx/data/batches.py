@@ -39,6 +39,11 @@ class Batches:
         drop_last: Drop the final incomplete batch.
         seed: Base seed.
         device: Where the batches are produced (the images are copied there once).
+        shard, num_shards: Data-parallel training: every batch (``batch_size`` samples, the
+            global batch) is cut into ``num_shards`` contiguous parts whose sizes differ by at
+            most one, and this iterator yields part ``shard``. All shards share the epoch's
+            order and augmentation, so together they see exactly the unsharded batches. A part
+            is empty only in a last batch smaller than ``num_shards``.
 
     Example:
         >>> ds = ImageDataset("toy", torch.zeros(10, 1, 4, 4, dtype=torch.uint8),
@@ -60,9 +65,13 @@ class Batches:
         drop_last: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        shard: int = 0,
+        num_shards: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in 0..num_shards-1 = 0..{num_shards - 1}, got {shard}")
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.dataset = dataset
@@ -74,6 +83,7 @@ class Batches:
         self.drop_last = drop_last
         self.seed = int(seed)
         self.device = torch.device(device)
+        self.shard, self.num_shards = int(shard), int(num_shards)
         self._images = dataset.images.to(self.device)
         self._labels = dataset.labels.to(self.device)
         c = dataset.images.shape[1]
@@ -132,6 +142,8 @@ class Batches:
         flips = None if flips is None else flips.to(dev)
         for start in range(0, stop, self.batch_size):
             end = min(start + self.batch_size, stop)
+            if self.num_shards > 1:
+                start, end = self._shard_range(start, end)
             idx = order[start:end]
             x = self._images.index_select(0, idx)
             if offsets is not None or flips is not None:
@@ -142,6 +154,12 @@ class Batches:
                 )
             xf = x.to(torch.float32).mul_(self._scale).add_(self._shift)
             yield xf, self._labels.index_select(0, idx)
+
+    def _shard_range(self, start: int, end: int) -> tuple[int, int]:
+        """This shard's part of positions ``start..end-1``: the first ``r`` parts get ``q + 1``."""
+        q, r = divmod(end - start, self.num_shards)
+        k = self.shard
+        return start + k * q + min(k, r), start + (k + 1) * q + min(k + 1, r)
 
     def _augment(
         self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None
