@@ -243,7 +243,7 @@ class TrainResult:
                 ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (GEMM model)"),
                 ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
         compile_s = sum(r.get("compile_s") or 0.0 for r in self.metrics)
-        if cfg.compile != "off":
+        if self.model.compile_count:
             rows.append(("compiling", f"{compile_s:.1f} s of the train time, {self.model.compile_count} graphs, "
                                       f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} loaded from torch's cache "
                                       f"(compile={cfg.compile})"))
