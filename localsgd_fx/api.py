@@ -24,6 +24,7 @@ from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
 from .schedules import EpochStats, Manual, PlainSGD, Schedule, make_schedule
+from .signals import SignalMeter
 from .supervision import WeakSupervision
 
 DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
@@ -71,6 +72,11 @@ class LocalSGDModule(nn.Module):
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
         schedule.bind(len(order), max_local, total_epochs)
         self._snapshot_sgd_weights()
+        # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
+        self.signals = (SignalMeter(self, traced, order, schedule.signals, getattr(schedule, "probe_size", 64))
+                        if schedule.signals else None)
+        if self.signals is not None:
+            self.signals.follow(self.transition)
 
     # ----------------------------------------------------------------------------- running
     def forward(self, *args, **kwargs):
@@ -140,9 +146,12 @@ class LocalSGDModule(nn.Module):
             start = self._epoch_start.get(layer.index)
             weight = self._weight(layer.index)
             norms[layer.index] = float((weight.detach() - start).norm()) if start is not None else 0.0
-        stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
-                           max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares())
-        new_t = int(self.schedule.select(stats))
+        new_t = self.transition
+        if self.schedule.decide_every is None:      # else it decides in maybe_decide
+            stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
+                               max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares(),
+                               signals=self._read_signals())
+            new_t = int(self.schedule.select(stats))
         self.epoch += 1
         before = self.transition
         if new_t != before:
@@ -157,6 +166,40 @@ class LocalSGDModule(nn.Module):
                              "update_norm": norms.get(before), **self.schedule.log_stats()})
         return self.transition
 
+    def maybe_decide(self) -> int:
+        """Call once after every optimizer step; returns the (possibly new) ``t``.
+
+        A schedule with ``decide_every = K`` (plasticity, gradnorm) takes a decision on every K-th call,
+        reading its signals with one device-to-host copy; other schedules decide in :meth:`end_epoch`
+        and this does nothing.
+        """
+        if not self.schedule.due():
+            return self.transition
+        stats = EpochStats(epoch=self.epoch, transition=self.transition, num_layers=len(self._order),
+                           max_local=self.max_local, update_norms={}, flop_shares=self._order.flop_shares(),
+                           signals=self._read_signals())
+        before = self.transition
+        new_t = int(self.schedule.select(stats))
+        if new_t != before:
+            self.set_transition(new_t)
+            self._epochs_at_transition = 0
+        self.history.append({"epoch": self.epoch + 1, "step": self._steps_this_epoch, "transition_before": before,
+                             "transition": self.transition, **self.schedule.log_stats()})
+        return self.transition
+
+    def set_probe(self, *inputs: torch.Tensor) -> None:
+        """Fix the probe batch of the plasticity signal: the first ``probe_size`` rows of these inputs (by
+        default the wrapper keeps those of its first call)."""
+        if self.signals is None or "plasticity" not in self.signals.names:
+            raise LocalSGDError(f"set_probe is for a schedule that reads the plasticity signal; this one is "
+                                f"{type(self.schedule).__name__}")
+        self.signals.set_probe(*inputs)
+
+    def _read_signals(self) -> dict[str, float | None]:
+        if self.signals is None or self.transition >= self.max_local:   # nothing left to decide
+            return {}
+        return self.signals.read(self.transition, self.model)
+
     def set_transition(self, t: int, *, force: bool = False) -> None:
         """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= len(self._order):
@@ -166,6 +209,8 @@ class LocalSGDModule(nn.Module):
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")
         self.transition = t
+        if self.signals is not None:
+            self.signals.follow(t)
 
     # ------------------------------------------------------------------------- inspection
     @property
