@@ -417,9 +417,10 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
         model: any ``torch.fx``-traceable module with ``nn.Conv{1,2,3}d`` / ``nn.Linear`` layers.
         rule: ``"hebbian"`` (default), ``"oja"``, ``"softhebb"``, ``"freeze"``, or a
             :class:`~localsgd_fx.rules.LocalRule` instance.
-        schedule: ``"dynamic"`` (default), ``"quadratic"``/``"static"``, ``"linear"``, ``"exponential"``,
-            ``"manual"`` (you call ``set_transition``), ``"sgd"``, a :class:`~localsgd_fx.schedules.Schedule`,
-            or a callable ``policy(epoch, stats) -> t``.
+        schedule: ``"dynamic"`` (default), ``"plasticity"``, ``"gradnorm"``, ``"quadratic"``/``"static"``,
+            ``"linear"``, ``"exponential"``, ``"manual"`` (you call ``set_transition``), ``"sgd"``, a
+            :class:`~localsgd_fx.schedules.Schedule`, or a callable ``policy(epoch, stats) -> t``. A schedule
+            built with ``decide_every=K`` (plasticity, gradnorm) decides in :meth:`~LocalSGDModule.maybe_decide`.
         local_lr: ``η0`` of the local rule.
         weak_supervision: ``"sign"`` (default), ``"scale"`` or ``"off"``.
         example_inputs: a tuple of inputs used once for FLOP counts; without it they are taken
@@ -445,7 +446,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
 
         >>> model = compile_localsgd(models_zoo.get_model("resnet20"), schedule="dynamic")
         >>> loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); model.observe_loss(loss)
-        >>> model.end_epoch()   # once per epoch
+        >>> model.maybe_decide()   # after each step (only schedules deciding every K steps use it)
+        >>> model.end_epoch()      # once per epoch
     """
     compile = compile_mode(compile)
     if not isinstance(sample_fraction, (int, float)) or not 0.0 < sample_fraction <= 1.0:

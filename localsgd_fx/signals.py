@@ -102,7 +102,8 @@ class SignalMeter(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, weight: Tensor) -> None:
-        norm = torch.linalg.vector_norm(weight.grad, dtype=torch.float32)
+        grad = weight.grad
+        norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
         finite = torch.isfinite(norm)
         self.grad_sum += torch.where(finite, norm, torch.zeros_like(norm))
         self.grad_steps += finite
@@ -182,13 +183,16 @@ class SignalMeter(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         device = self._weight(0).device
-        self.probe = None if state["probe"] is None else tuple(x.to(device) for x in state["probe"])
+
+        def own(x: Tensor | None) -> Tensor | None:   # a copy: the state may be another live module's tensors
+            return None if x is None else x.to(device, copy=True)
+
+        self.probe = None if state["probe"] is None else tuple(own(x) for x in state["probe"])
         if self.probe is not None:
             self._drop_capture()
-        self.reference = None if state["reference"] is None else state["reference"].to(device)
-        self.reference_layer = state["reference_layer"]
+        self.reference, self.reference_layer = own(state["reference"]), state["reference_layer"]
         if state["grad_layer"] is not None:
-            self._attach(state["grad_layer"], state["grad_sum"], state["grad_steps"])
+            self._attach(state["grad_layer"], own(state["grad_sum"]), own(state["grad_steps"]))
 
     def _apply(self, fn, recurse=True):
         # the tensors are plain attributes (their shapes are known only once seen): move them too

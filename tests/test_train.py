@@ -17,6 +17,7 @@ from localsgd_fx.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointE
                                     save_checkpoint)
 from localsgd_fx.metrics import COLUMNS, TIME_COLUMNS
 from localsgd_fx.train import Callback, Trainer, TrainConfig, fit
+from passes.inspection import speed_bound
 
 
 def config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
@@ -35,8 +36,9 @@ def without_times(records):
     return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in records]
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja")],
-                         ids=["linear-hebbian", "dynamic-oja"])
+@pytest.mark.parametrize("variant", [dict(), dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja"),
+                                     dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1, decide_every=3)],
+                         ids=["linear-hebbian", "dynamic-oja", "plasticity-every-3-steps"])
 def test_resume_is_exact(data_dir, tmp_path, variant):
     whole = fit(config(data_dir, tmp_path / "whole", **variant), log=None)
     first = fit(config(data_dir, tmp_path / "split", stop_after=2, **variant), log=None)
@@ -45,8 +47,11 @@ def test_resume_is_exact(data_dir, tmp_path, variant):
 
     assert without_times(resumed.metrics) == without_times(whole.metrics)
     assert resumed.model.transition == whole.model.transition
-    if variant.get("schedule") != "dynamic":
+    if "schedule" not in variant:
         assert [r["t"] for r in whole.metrics] == [0, 0, 1, 2]   # the transition moved across the resume point
+    if variant.get("schedule") == "plasticity":                  # decisions every 3 of the 4 steps of an epoch
+        moves = [h for h in whole.model.history if h["transition"] > h["transition_before"]]
+        assert moves and all("step" in h for h in moves) and moves[-1]["epoch"] > 2   # after the resume point
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
     for key, value in a.items():
@@ -147,9 +152,34 @@ def test_local_prefix_saves_less_activation_memory(data_dir):
     assert b["speed_bound"] > 1.0 and a["local_fraction"] == 0.0
 
 
+def test_signal_schedule_moves_the_boundary_inside_an_epoch(data_dir):
+    trainer = Trainer(config(data_dir, None, epochs=3, schedule="gradnorm", c1=None, c2=None, threshold=10.0,
+                             patience=1, shift=1, decide_every=0.5), log=None)
+    assert trainer.model.schedule.decide_every == 2              # half of the 4 steps of an epoch
+    records = [trainer.train_epoch() for _ in range(3)]
+    # every change of the gradient norm is "settled" here: after the epoch-1 warm-up, the first check of an epoch
+    # moves (a new layer's first check sets its reference, so the second one cannot)
+    assert [(r["t"], r["t_next"]) for r in records] == [(0, 0), (0, 1), (1, 2)]
+    moves = [(h["epoch"], h["step"]) for h in trainer.model.history if h["transition"] > h["transition_before"]]
+    assert moves == [(2, 2), (3, 2)]                             # in the middle of epochs 2 and 3
+    order, lm = trainer.model.layer_order, trainer.model
+    for r in records[1:]:                                        # half of each epoch at t, half at t + 1
+        p = (order.local_fraction(r["t"]) + order.local_fraction(r["t_next"])) / 2
+        assert r["local_fraction"] == pytest.approx(p) and r["local_fraction"] > 0
+        cost = sum(0.5 / speed_bound(order.local_fraction(t), lm.rule.gemms, lm.sample_fraction)
+                   for t in (r["t"], r["t_next"]))
+        assert r["speed_bound"] == pytest.approx(1 / cost)
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="--alpha is an option of the dynamic schedule"):
         TrainConfig(schedule="quadratic", alpha=0.2).validate()
+    with pytest.raises(ValueError, match="--threshold is an option of the plasticity/gradnorm schedule"):
+        TrainConfig(schedule="dynamic", threshold=0.2).validate()
+    with pytest.raises(ValueError, match="--probe-size is an option of the plasticity schedule, not of schedule 'gradnorm'"):
+        TrainConfig(schedule="gradnorm", probe_size=8).validate()
+    with pytest.raises(ValueError, match=r"--decide-every must be an int >= 1 \(training steps\) or a float in \(0, 1\]"):
+        TrainConfig(schedule="gradnorm", decide_every=1.5).validate()
     with pytest.raises(ValueError, match="unknown model 'nope'.*resnet20"):
         TrainConfig(model="nope").validate()
     with pytest.raises(ValueError, match="epochs"):
