@@ -23,7 +23,7 @@ from passes.trace import trace
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
-from .schedules import EpochStats, Manual, PlainSGD, Schedule, make_schedule
+from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, EpochStats, Manual, PlainSGD, Schedule, make_schedule
 from .signals import SignalMeter
 from .supervision import WeakSupervision
 
@@ -73,8 +73,8 @@ class LocalSGDModule(nn.Module):
         schedule.bind(len(order), max_local, total_epochs)
         self._snapshot_sgd_weights()
         # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
-        self.signals = (SignalMeter(self, traced, order, schedule.signals, getattr(schedule, "probe_size", 64))
-                        if schedule.signals else None)
+        probe_size = getattr(schedule, "probe_size", PLASTICITY_DEFAULT_PROBE_SIZE)
+        self.signals = SignalMeter(self, traced, order, schedule.signals, probe_size) if schedule.signals else None
         if self.signals is not None:
             self.signals.follow(self.transition)
 

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from passes.errors import LocalSGDError
 from passes.layers import LayerOrder
 
+from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE
+
 SIGNALS = ("plasticity", "grad_norm")
 
 
@@ -42,7 +44,7 @@ class SignalMeter(nn.Module):
     """
 
     def __init__(self, owner: nn.Module, traced: fx.GraphModule, order: LayerOrder, names: tuple[str, ...],
-                 probe_size: int = 64):
+                 probe_size: int = PLASTICITY_DEFAULT_PROBE_SIZE):
         super().__init__()
         unknown = sorted(set(names) - set(SIGNALS))
         if unknown:

@@ -374,6 +374,7 @@ class Trainer:
         channels_last = torch.channels_last if cfg.channels_last else torch.preserve_format
         start = time.perf_counter()
         # the step: nothing in it waits for the device (no .item(), no sync); values are read once per epoch
+        # (and once per decision by a schedule that decides every K steps)
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
             x = x.contiguous(memory_format=channels_last)
             measure = i == meter_step and not lm.is_compiled(t_now)   # hooks do not see inside compiled graphs
