@@ -16,15 +16,12 @@ Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 C
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import argparse
 import json
 import time
 from pathlib import Path
 
+from localsgd_fx.atomic import atomic_write_text
 from localsgd_fx.bench_tradeoff import format_summary, run_tradeoff, summarise
 from localsgd_fx.train import TrainConfig
 
@@ -86,8 +83,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sweep_{args.stage}.json"
-    path.write_text(json.dumps({"base": base.to_dict(), "arms": STAGES[args.stage], "summary": summary, "runs": runs,
-                                "wall_time_s": time.perf_counter() - start}, indent=1, default=str))
+    atomic_write_text(path, json.dumps({"base": base.to_dict(), "arms": STAGES[args.stage], "summary": summary,
+                                        "runs": runs, "wall_time_s": time.perf_counter() - start}, indent=1, default=str))
     print(f"wrote {path}")
 
 

@@ -15,17 +15,22 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import LocalSGDError
-from passes.inspection import layer_table, speed_bound
+from passes.inspection import LAYER_COLUMNS, layer_rows
 from passes.layers import LayerOrder, find_layers
+from passes.partition import check_transition
 from passes.rewrite import LocalUpdateSpec, rewrite
 from passes.trace import trace
 
+from .cost import speed_bound
+from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, EpochStats, Manual, PlainSGD, Schedule, make_schedule
 from .signals import SignalMeter
 from .supervision import WeakSupervision
+
+__all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_LOCAL_LR", "DEFAULT_SAMPLE_FRACTION"]
 
 DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
 #: Each local update is computed from this fraction of the batch. A quarter makes the update GEMM
@@ -109,12 +114,12 @@ class LocalSGDModule(nn.Module):
         if not any(counts):
             return
         self.nonfinite_updates.zero_()
-        bad = ", ".join(f"{self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
+        bad = ", ".join(f"layer {self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
         advice = "Lower local_lr or check the inputs for inf/NaN"
         if self.rule.key != "hebbian":
             advice += ", or use rule='hebbian' (norm-preserving)"
         raise LocalSGDError(
-            f"non-finite local updates were refused in epoch {self.epoch + 1} for layer {bad}: those weights kept their "
+            f"non-finite local updates were refused in epoch {self.epoch + 1} for {bad}: those weights kept their "
             f"previous values, but the SGD layers and BatchNorm statistics saw the same batches. {advice}.")
 
     def expected_steps_at_transition(self) -> int:
@@ -173,8 +178,10 @@ class LocalSGDModule(nn.Module):
         reading its signals with one device-to-host copy; other schedules decide in :meth:`end_epoch`
         and this does nothing.
         """
-        if not self.schedule.due():
-            return self.transition
+        return self._decide() if self.schedule.due() else self.transition
+
+    def _decide(self) -> int:
+        """A decision inside the epoch (``maybe_decide`` found one due)."""
         stats = EpochStats(epoch=self.epoch, transition=self.transition, num_layers=len(self._order),
                            max_local=self.max_local, update_norms={}, flop_shares=self._order.flop_shares(),
                            signals=self._read_signals())
@@ -202,9 +209,7 @@ class LocalSGDModule(nn.Module):
 
     def set_transition(self, t: int, *, force: bool = False) -> None:
         """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= len(self._order):
-            raise LocalSGDError(f"transition {t!r} is out of range: this model has {len(self._order)} layers, so t "
-                                f"must be an int in 0..{len(self._order)}")
+        check_transition(self._order, t)
         if t < self.transition and not force:
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")
@@ -271,7 +276,7 @@ class LocalSGDModule(nn.Module):
         text = "\n".join([
             f"{type(self.model).__name__}: {len(self._order)} layers, transition t={self.transition}, "
             f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
-            layer_table(self._order, self.transition),
+            format_table(layer_rows(self._order, self.transition), LAYER_COLUMNS),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
@@ -359,7 +364,6 @@ class LocalSGDModule(nn.Module):
         if mode in ("off", "auto"):     # auto: eager until AutoCompile says compiling pays
             self._runners[key] = graph
             return graph
-        CompileClock.install()
         self.compile_count += 1
         runner = self._runners[key] = _Runner(self, graph, torch_compile(graph, mode))
         return runner

@@ -10,25 +10,31 @@ GEMM-model bound on that ratio (``(3-(2-f)p)/3`` for 1-GEMM rules whose update u
 their quotient (1.00 = at the bound), and the activation memory saved for backward (CPU; on CUDA
 also the peak allocated memory).
 
-Run: ``python -m localsgd_fx.bench step --model resnet20`` (or ``localsgd bench step``).
+Run: ``localsgd bench step --model resnet20`` (or ``python -m localsgd_fx bench step ...``).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")   # before torch starts OpenMP: see README "Timing"
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from passes.partition import check_transition
+
 from .api import DEFAULT_SAMPLE_FRACTION
+from .atomic import atomic_write_text
+from .cost import speed_bound
+from .metrics import SavedActivationMeter, format_table
+from .train import ConfigError
+
+__all__ = ["StepRow", "measure_steps", "default_transitions", "format_rows", "machine_line", "main_step"]
 
 # ---- defaults, in one place
 MODEL, BATCH, IN_CHANNELS, IMAGE_SIZE, REPEATS, WARMUP = "resnet20", 128, 1, 28, 7, 2
@@ -45,21 +51,6 @@ class StepRow:
     saved_mb: float | None  # activation bytes saved for backward (eager only: hooks do not see compiled graphs)
     peak_mb: float | None  # CUDA peak allocated memory
     compile_s: float = 0.0  # seconds compiling this t's graphs (forward, backward, CUDA-graph recording)
-
-
-def saved_activation_bytes(step) -> int:
-    """Bytes of distinct storages that autograd saves for backward during ``step()``'s forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 def default_transitions(n_layers: int, max_local: int) -> list[int]:
@@ -81,8 +72,8 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
 
     import models_zoo
     from localsgd_fx import compile_localsgd
-    from passes.inspection import speed_bound
 
+    from .runtime import compile_mode
     from .train import AMP_DTYPES
 
     torch.manual_seed(seed)
@@ -94,6 +85,8 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
                              sample_fraction=sample_fraction)
     n = len(model.layer_order)
     transitions = transitions or default_transitions(n, model.max_local)
+    for t in transitions:   # before any step: a bad t fails in seconds, not after the warm-up
+        check_transition(model.layer_order, t)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     arms = [0, *transitions]
     amp_dtype = AMP_DTYPES[amp]
@@ -115,7 +108,7 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     saved: dict[int, int | None] = {}
     peak: dict[int, float | None] = {}
     compile_s: dict[int, float] = {}
-    if compile != "off":   # the first call compiles, CUDA graphs record on a later one: time only replays
+    if compile_mode(compile) != "off":   # the first call compiles, CUDA graphs record on a later one: time only replays
         warmup = max(warmup, 4)
     for t in arms:   # warm-up, compilation and memory, one arm at a time
         model.set_transition(t, force=True)
@@ -124,7 +117,7 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
             step()
         sync()
         compile_s[t] = model.compile_seconds - before
-        saved[t] = saved_activation_bytes(step) if not model.is_compiled(t) else None
+        saved[t] = SavedActivationMeter.measure(step) if not model.is_compiled(t) else None
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             step()
@@ -153,16 +146,19 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
 
 
 def format_rows(rows: list[StepRow], header: str) -> str:
-    lines = [header, f"{'t':>3} {'p':>6} {'step ms':>8} {'ratio':>6} {'bound':>6} {'ratio/bound':>11} "
-                     f"{'saved MB':>9} {'vs SGD':>7} {'compile s':>9}" + (" peak MB" if rows[0].peak_mb is not None else "")]
+    """``header``, then the rows as a table (the first row is plain SGD, the reference of "vs SGD")."""
+    peak = rows[0].peak_mb is not None
     base_saved = rows[0].saved_mb or 1.0
-    for r in rows:
-        saved = (f"{r.saved_mb:>9.1f} {r.saved_mb / base_saved:>7.2f}" if r.saved_mb is not None
-                 else f"{'-':>9} {'-':>7}")
-        lines.append(f"{r.transition:>3} {r.local_fraction:>6.3f} {r.step_ms:>8.1f} {r.ratio:>6.3f} {r.bound:>6.3f} "
-                     f"{r.quotient:>11.3f} {saved} {r.compile_s:>9.1f}"
-                     + (f" {r.peak_mb:>7.1f}" if r.peak_mb is not None else ""))
-    return "\n".join(lines)
+
+    def saved(r: StepRow) -> list[str]:     # compiled steps: the hooks cannot see inside the graph
+        return ["-", "-"] if r.saved_mb is None else [f"{r.saved_mb:.1f}", f"{r.saved_mb / base_saved:.2f}"]
+
+    cells = [(r.transition, f"{r.local_fraction:.3f}", f"{r.step_ms:.1f}", f"{r.ratio:.3f}", f"{r.bound:.3f}",
+              f"{r.quotient:.3f}", *saved(r), f"{r.compile_s:.1f}", *([f"{r.peak_mb:.1f}"] if peak else []))
+             for r in rows]
+    columns = ("t", "p", "step ms", "ratio", "bound", "ratio/bound", "saved MB", "vs SGD", "compile s",
+               *(["peak MB"] if peak else []))
+    return header + "\n" + format_table(cells, columns)
 
 
 def machine_line(device: str) -> str:
@@ -192,6 +188,7 @@ def main_step(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .runtime import resolve_device
 
+    _check_args(args)
     device = str(resolve_device(args.device))
     rows = measure_steps(args.model, transitions=args.transitions, rule=args.rule, batch=args.batch_size,
                          in_channels=args.in_channels, image_size=args.image_size, repeats=args.repeats,
@@ -203,12 +200,23 @@ def main_step(argv: list[str] | None = None) -> int:
               f"{machine_line(device)}; medians of {args.repeats} interleaved steps")
     print(format_rows(rows, header))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        atomic_write_text(args.json, json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
     return 0
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main_step(sys.argv[2:] if sys.argv[1:2] == ["step"] else sys.argv[1:]))
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before the (minutes long) benchmark starts, the --json path included."""
+    for flag in ("batch_size", "in_channels", "image_size", "repeats"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive int, got {value}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if not 0 < args.sample_fraction <= 1:
+        raise ConfigError(f"--sample-fraction must be in (0, 1], got {args.sample_fraction}")
+    if args.json:
+        path = Path(args.json)
+        if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK) or (
+                path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"--json {args.json}: cannot write there (the folder must exist and be writable); "
+                              "pick another path")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -43,8 +42,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic import atomic_write_text
 from .metrics import format_table
-from .train import Trainer, TrainConfig, load_data
+from .runtime import COMPILE_MODES, resolve_device
+from .train import AMP_DTYPES, Trainer, TrainConfig, load_data
 
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
 DEFAULT = dict(model="resnet20", train_subset=10000, test_subset=5000, epochs=8, batch_size=128)
@@ -162,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                         help=f"the arms, the first is the reference (default: {list(DEFAULT_ARMS)}; all: {list(ARMS)})")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile", default="auto", choices=COMPILE_MODES,
+                        help="every arm in this mode (default %(default)s: compile only where it pays)")
+    parser.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="every arm under autocast (default %(default)s)")
+    parser.add_argument("--channels-last", action="store_true", help="every arm channels-last")
     parser.add_argument("--out", default="runs/tradeoff",
                         help="folder for tradeoff.json / tradeoff.png / tradeoff_scatter.png (default %(default)s)")
     parser.add_argument("--from-json", metavar="PATH",
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("train_subset", "test_subset"):
         chosen[key] = chosen[key] or None
     base = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, device=args.device, compile=args.compile,
-                       out=None, progress=False, **chosen)
+                       amp=args.amp, channels_last=args.channels_last, out=None, progress=False, **chosen)
     base.validate()
     print(f"bench tradeoff: {base.model} on {base.dataset}, {_describe(chosen)}, seeds {args.seeds}, arms interleaved "
           f"epoch by epoch; {_machine(base)}")
@@ -190,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     wall_time_s = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cuda = base.device == "cuda" or (base.device == "auto" and torch.cuda.is_available())
+    cuda = resolve_device(base.device).type == "cuda"
     summary = _report(runs, args.seeds, base.to_dict(), out,
                       memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
     json_path = out / "tradeoff.json"
-    json_path.write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms, "machine": _machine(base),
-                                     "wall_time_s": wall_time_s, "summary": summary, "runs": runs},
-                                    indent=1, default=str))
+    atomic_write_text(json_path, json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms,
+                                             "machine": _machine(base), "wall_time_s": wall_time_s, "summary": summary,
+                                             "runs": runs}, indent=1, default=str))
     print(f"wrote {json_path} ({time.perf_counter() - start:.0f} s in all)")
     return 0
 
@@ -235,4 +239,8 @@ def _describe(p: dict[str, Any]) -> str:
 
 
 def _machine(cfg: TrainConfig) -> str:
-    return f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, device {cfg.device}"
+    from .bench import machine_line
+
+    device = resolve_device(cfg.device)
+    return (f"{machine_line(str(device))}, device {device.type}, compile {cfg.compile}, amp {cfg.amp}"
+            + (", channels-last" if cfg.channels_last else ""))

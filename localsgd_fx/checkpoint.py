@@ -7,44 +7,47 @@ strings), so it loads with ``torch.load(weights_only=True)``::
      supervision, transition, schedule state, history), "optimizer", "lr_scheduler", "rng",
      "metrics"}
 
-It is written to a temporary file in the same directory, flushed and fsync'ed, then moved over
-the previous checkpoint with ``os.replace`` (atomic on POSIX): a crash or Ctrl-C at any moment
-leaves either the old or the new checkpoint, never a torn one.
+It is written atomically and durably (:func:`~localsgd_fx.atomic.atomic_open`): a crash or Ctrl-C
+at any moment leaves either the old or the new checkpoint, never a torn one.
 
 Example::
 
     >>> save_checkpoint(state, "runs/x/checkpoint.pt")          # doctest: +SKIP
     >>> state = load_checkpoint("runs/x/checkpoint.pt")          # doctest: +SKIP
-    >>> check_compatible(state, {"model": "resnet20", "dataset": "fashion-mnist"})  # doctest: +SKIP
+    >>> check_compatible(state, config.to_dict(), ignore=("out", "device"))  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
+
+from passes.errors import LocalSGDError
+
+from .atomic import atomic_open
 
 #: Bumped whenever the layout of a checkpoint changes; other versions are refused.
 FORMAT_VERSION = 1
 #: The checkpoint's file name inside a run directory.
 CHECKPOINT_NAME = "checkpoint.pt"
-#: Config fields that must match for a checkpoint to be resumed (the rest may change, with a warning).
+#: Config fields that say which run a checkpoint belongs to (named first when they differ).
 IDENTITY_FIELDS = ("model", "dataset", "rule", "schedule")
 
 __all__ = ["FORMAT_VERSION", "CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "check_compatible", "capture_rng", "restore_rng"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LocalSGDError, ValueError):
     """A checkpoint that is missing, unreadable or belongs to another run; the message says which."""
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file in the same dir, fsync, ``os.replace``).
+    """Write ``state`` to ``path`` atomically and durably (temp file in the same dir, fsync, ``os.replace``).
 
     Args:
         state: the checkpoint dictionary (``format_version`` is added if absent).
@@ -54,21 +57,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:   # KeyboardInterrupt included: never leave a temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb", durable=True) as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
     return path
 
 
@@ -92,14 +82,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def check_compatible(state: Mapping[str, Any], config: Mapping[str, Any], path: str | os.PathLike[str] = "") -> list[str]:
-    """Refuse a checkpoint whose model, dataset, rule or schedule differ from ``config``.
+def check_compatible(state: Mapping[str, Any], config: Mapping[str, Any], path: str | os.PathLike[str] = "", *,
+                     ignore: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint whose config differs from ``config`` in any field outside ``ignore``.
 
-    Returns:
-        Names of the other config fields that differ (the caller may warn about them).
+    A resumed run continues with the checkpoint's hyperparameters or not at all, so the run folder
+    never records settings that were not used.
 
     Raises:
-        CheckpointError: naming the first mismatching identity field and both values.
+        CheckpointError: naming the first mismatching identity field (model, dataset, rule,
+            schedule) and both values, else every other differing field with both values.
     """
     saved = state.get("config", {})
     where = f" {path}" if path else ""
@@ -108,7 +100,19 @@ def check_compatible(state: Mapping[str, Any], config: Mapping[str, Any], path: 
             raise CheckpointError(f"checkpoint{where} is for {key} {saved.get(key)!r}, this run asks for {key} "
                                   f"{config.get(key)!r}; pass --{key.replace('_', '-')} {saved.get(key)} to resume it, "
                                   "or use another --out for a new run")
-    return sorted(k for k in config if k not in IDENTITY_FIELDS and k in saved and saved[k] != config[k])
+    skip = set(ignore)
+    differ = sorted(k for k in config if k not in skip and k in saved and saved[k] != config[k])
+    if differ:
+        changes = "; ".join(f"--{k.replace('_', '-')} {_shown(saved[k])} in the checkpoint, {_shown(config[k])} given"
+                            for k in differ)
+        split = " (to train a run in parts, give its full --epochs and --stop-after)" if "epochs" in differ else ""
+        raise CheckpointError(f"cannot resume checkpoint{where} with other settings: {changes}. Pass the checkpoint's "
+                              f"values to resume it{split}, or start a new run with the new ones (another --out, or "
+                              "--overwrite)")
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -133,15 +137,3 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

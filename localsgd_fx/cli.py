@@ -8,26 +8,23 @@
 * ``localsgd bench tradeoff`` - SGD vs LoCal+SGD (static, dynamic) vs freeze, interleaved
   (:mod:`localsgd_fx.bench_tradeoff`).
 * ``localsgd bench step`` - per-step time and memory vs ``t`` (:mod:`localsgd_fx.bench`).
+* ``torchrun --nproc_per_node N -m localsgd_fx train ...`` - data-parallel training, one process per
+  shard of each global batch (:mod:`localsgd_fx.distributed`); rank 0 writes the files.
 
-Errors (bad names, missing data, incompatible checkpoints) print one line and exit with status 2;
-Ctrl-C exits with 130 and leaves the last checkpoint intact.
+Errors (bad names or values, missing data, incompatible checkpoints, a run folder in use) print one
+line and exit with status 2; Ctrl-C exits with 130 and leaves the last checkpoint intact.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import shutil
+import subprocess
 import sys
+import time
+from dataclasses import fields
+from pathlib import Path
 
-# Short OpenMP spin-waits: on 2 shared CPU cores, busy-waiting threads steal the other process's
-# core (measured: 1.5-3x the CPU time per step under load). libgomp reads the variable once, when
-# torch loads it; the package imports torch lazily, so this line runs first.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import fields  # noqa: E402
-from pathlib import Path  # noqa: E402
+from passes.errors import LocalSGDError
 
 __all__ = ["main", "build_parser"]
 
@@ -40,7 +37,9 @@ TRAIN_DESCRIPTION = (
     "images, 8 epochs, hebbian rule, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
     "for the full dataset.")
 
-_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+#: Printed as one line with exit status 2: the library's errors, ValueError (Python's error for a bad
+#: argument, raised by the zoo, the schedules and the rules) and OSError (a file that cannot be read or written).
+_ERRORS: tuple[type[BaseException], ...] = (LocalSGDError, ValueError, OSError)
 
 
 def _int_or_float(text: str) -> int | float:
@@ -77,7 +76,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="random crop + flip (default: on for CIFAR, off for Fashion-MNIST)")
     g = p.add_argument_group("SGD")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="(default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="(default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="per process; under torchrun the global batch is N x this (default %(default)s)")
     g.add_argument("--lr", type=float, default=d["lr"], help="(default %(default)s)")
     g.add_argument("--lr-schedule", default=d["lr_schedule"], choices=["cosine", "step"],
                    help="stepped per iteration: cosine to 0, or x0.1 at 50%% and 75%% of the epochs (default %(default)s)")
@@ -167,17 +167,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import gather_objects, process_group_from_env, rank
     from .train import TrainConfig, fit
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    if values["out"] is None:
-        if args.resume:
-            raise ValueError("--resume needs --out DIR: the folder of the run to continue")
-        values["out"] = f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for key in ("train_subset", "test_subset"):
-        values[key] = values[key] or None                # 0 = the whole split
-    result = fit(TrainConfig.from_dict(values))
-    print(result.summary())
+    if values["out"] is None and args.resume:
+        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
+    with process_group_from_env(args.device):           # under torchrun: one process per shard
+        if values["out"] is None:                       # rank 0's clock names the folder of every process
+            values["out"] = gather_objects(f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")[0]
+        for key in ("train_subset", "test_subset"):
+            values[key] = values[key] or None            # 0 = the whole split
+        result = fit(TrainConfig.from_dict(values))
+        if rank() == 0:
+            print(result.summary())
     return 0
 
 
@@ -188,6 +191,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from passes.inspection import to_dot
 
     from .api import compile_localsgd
+    from .atomic import atomic_write_text
 
     model = models_zoo.get_model(args.model, args.num_classes, args.in_channels)
     example = torch.randn(2, args.in_channels, args.image_size, args.image_size)
@@ -198,7 +202,7 @@ def _inspect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dot_path = out / f"{args.model}_t{args.transition}.dot"
-    dot_path.write_text(to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
+    atomic_write_text(dot_path, to_dot(lm.graph_module, name=f"{args.model} t={args.transition}"))
     print(f"DOT: {dot_path}")
     if shutil.which("dot"):
         png = dot_path.with_suffix(".png")
@@ -210,20 +214,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(which: str, argv: list[str]) -> int:
-    import importlib
-
     if which == "tradeoff":
         from .bench_tradeoff import main as tradeoff_main
         return tradeoff_main(argv)
-    try:
-        bench = importlib.import_module("localsgd_fx.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != "localsgd_fx.bench":
-            raise
-        bench = None
-    if not hasattr(bench, "main_step"):
-        raise ValueError("'bench step' is not available in this installation (localsgd_fx.bench.main_step is missing)")
-    return int(bench.main_step(argv) or 0)
+    from .bench import main_step
+    return main_step(argv)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``cuda_peak_mb``          ``torch.cuda.max_memory_allocated`` over the epoch; empty on CPU
 ``compile_s``             seconds torch spent compiling during the epoch: forward and backward
                           graphs, recompiles and CUDA-graph recording (dynamo's compile callbacks)
+``compile_cache_hits``    graphs loaded from torch's compile caches instead of compiled (reuse
+                          across runs and resumes)
 ``compiled``              whether the epoch's transition ran a compiled graph at the epoch's end
                           (``compile="auto"`` decides per transition; its choices go to the log)
 ``lr``                    optimizer learning rate at the end of the epoch
 ``local_lr``              current (signed) local learning rate of weak supervision
+``world_size``            processes training the run (1 without torchrun)
+``replica_max_abs_diff``  largest ``|w - w_rank0|`` over all parameters and buffers of all
+                          processes at the end of the epoch (0.0: the replicas are identical)
 ``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
                           transition layer, ``running_avg`` = W̄, ``threshold``, ``moved``;
                           static: ``u``, ``f``, ``target``; plasticity / gradnorm: ``value``,
@@ -42,22 +47,22 @@ import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write_text
+
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "compiled", "lr", "local_lr")
+           "compile_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size", "replica_max_abs_diff")
 #: Columns that measure time (they differ between otherwise identical runs).
 TIME_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s")
 
-__all__ = ["COLUMNS", "TIME_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table",
-           "atomic_write_text"]
+__all__ = ["COLUMNS", "TIME_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table"]
 
 
 def columns_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -87,19 +92,6 @@ def write_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLi
     return atomic_write_text(out / "metrics.jsonl", lines), atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 class SavedActivationMeter:
     """Counts the bytes autograd saves for backward while active (each storage once).
 
@@ -117,7 +109,16 @@ class SavedActivationMeter:
         self._seen: set[tuple[int, int]] = set()
         self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
+    @classmethod
+    def measure(cls, fn: Callable[[], Any]) -> int:
+        """Bytes saved for backward while ``fn()`` runs."""
+        with cls() as meter:
+            fn()
+        return meter.bytes
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "meta":   # no memory behind it
+            return tensor
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key not in self._seen:

@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .atomic import atomic_open  # noqa: E402
+
 __all__ = ["plot_transition", "plot_accuracy_vs_time", "plot_tradeoff"]
 
 Records = Sequence[Mapping[str, Any]]
@@ -109,11 +111,9 @@ def _num(value: Any) -> float:
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

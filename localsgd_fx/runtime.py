@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "compile_mode", "resolve_device", "CompileClock", "AutoCompile", "CompileDecision"]
+__all__ = ["COMPILE_MODES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileClock",
+           "AutoCompile", "CompileDecision"]
 
 COMPILE_MODES = ("auto", "off", "on", "reduce-overhead")
 
@@ -64,19 +65,15 @@ class CompileClock:
 
     _owner: Any = None
     _started: float | None = None
-    _installed = False
-
-    @classmethod
-    def install(cls) -> None:
-        if cls._installed:
-            return
-        from torch._dynamo.callback import callback_handler
-        callback_handler.register_start_callback(cls._start)
-        callback_handler.register_end_callback(cls._end)
-        cls._installed = True
 
     @classmethod
     def active(cls, owner: Any) -> None:
+        """Charge compiles from now on to ``owner`` (registering the callbacks again if
+        ``torch._dynamo.reset()`` cleared them)."""
+        from torch._dynamo.callback import callback_handler
+        if cls._start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(cls._start)
+            callback_handler.register_end_callback(cls._end)
         cls._owner = owner
 
     @classmethod
@@ -92,6 +89,14 @@ class CompileClock:
         trigger = getattr(getattr(args[0], "callback_trigger", None), "name", "DYNAMO") if args else "DYNAMO"
         owner.compile_seconds += elapsed
         owner.compile_events[trigger] = owner.compile_events.get(trigger, 0) + 1
+
+
+def compile_cache_hits() -> int:
+    """Graphs torch loaded from its compile caches (inductor's FX-graph cache, AOTAutograd's cache) so far
+    in this process. The caches live in torch's per-user folder (``TORCHINDUCTOR_CACHE_DIR``), so a
+    resumed or repeated run reuses what an earlier one compiled."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"].get("fxgraph_cache_hit", 0) + counters["aot_autograd"].get("autograd_cache_hit", 0)
 
 
 # ------------------------------------------------------------------------------- auto decision

@@ -345,8 +345,9 @@ class Static(Schedule):
     Args:
         kind: ``"linear"``, ``"quadratic"`` or ``"exponential"``.
         c1: the most layers ever local. An int ``>= 1`` is a number of layers; a float in
-            ``(0, 1]`` is a fraction of ``num_layers`` (floored). Either way it is capped at
-            ``max_local``. Note ``c1=1`` is one layer while ``c1=1.0`` is all of them.
+            ``(0, 1]`` is a fraction of ``num_layers`` (floored), capped at ``max_local``; an int
+            above ``max_local`` is refused at :meth:`bind`. Note ``c1=1`` is one layer while
+            ``c1=1.0`` is all of them.
         c2: the epoch at which local updates begin. An int ``>= 0`` is an epoch; a float in
             ``[0, 1)`` is a fraction of ``total_epochs`` (floored). Must resolve below
             ``total_epochs``.
@@ -420,6 +421,11 @@ class Static(Schedule):
             )
         self._check_c2(self.total_epochs)
         assert self.num_layers is not None and self.max_local is not None
+        if isinstance(self.c1, int) and self.c1 > self.max_local:   # a count the user wrote: never cut silently
+            raise ValueError(
+                f"c1={self.c1} layers is more than may turn local: max_local={self.max_local} of this model's "
+                f"{self.num_layers} layers; pass c1 <= {self.max_local}, or a fraction in (0, 1]"
+            )
         layers = self.c1 if isinstance(self.c1, int) else math.floor(self.c1 * self.num_layers)
         self.c1_layers = min(layers, self.max_local)
         self.c2_epochs = self._c2_epochs(self.total_epochs)
@@ -479,7 +485,10 @@ class Dynamic(Schedule):
 
     1. ``W̄[l] <- beta * W̄[l] + (1 - beta) * delta_E[l]`` (line 1, evaluated first);
     2. if ``delta_E[t] < alpha * W̄[t]`` for the transition layer ``t``, propose ``t + shift``
-       (line 2); else keep ``t`` (line 4).
+       (line 2); else keep ``t`` (line 4). The comparison is strict, as in the paper (an exact tie
+       keeps ``t``), with one addition: ``delta_E[t] = 0`` always moves. A layer whose SGD update
+       vanished has nothing left to learn by SGD, and with ``<`` alone a layer whose updates were
+       all zero (``delta = W̄ = 0``, e.g. one that gets no gradient) would hold ``t`` for good.
 
     ``W̄[l]`` is initialised with the first ``delta`` seen for layer ``l`` (not zero: a zero
     start would bias the average low for ~1/(1-beta) = 10 epochs and delay the first move).
@@ -567,7 +576,7 @@ class Dynamic(Schedule):
             return t
         delta, avg = self.last_delta[t], self.running_avg[t]
         threshold = self.alpha * avg
-        move = stats.epoch > self.warmup_epochs and delta < threshold
+        move = stats.epoch > self.warmup_epochs and (delta < threshold or delta == 0.0)
         self._last = {"delta": delta, "running_avg": avg, "threshold": threshold,
                       "moved": float(move)}
         assert self.shift_layers is not None

@@ -62,6 +62,9 @@ class SignalMeter(nn.Module):
         self.grad_sum: Tensor | None = None    # sum of ||grad|| of grad_layer's weight since the last check
         self.grad_steps: Tensor | None = None  # backward passes counted in grad_sum
         self.grad_layer: int | None = None
+        #: data parallel: averages the stacked values over the replicas before they are read (set by
+        #: LocalSGDDataParallel around a decision), so that every replica takes the same one
+        self.__dict__["reduce"] = None
         if "plasticity" in self.names:
             self.__dict__["_capture"] = owner.register_forward_pre_hook(self._capture_probe)
 
@@ -126,7 +129,10 @@ class SignalMeter(nn.Module):
         if grads:
             keys += ["grad_sum", "grad_steps"]
             parts += [self.grad_sum, self.grad_steps.float()]
-        host = dict(zip(keys, torch.stack(parts).tolist())) if parts else {}   # the one host read
+        values = torch.stack(parts) if parts else None
+        if values is not None and self.reduce is not None:
+            values = self.reduce(values)
+        host = dict(zip(keys, values.tolist())) if values is not None else {}   # the one host read
         out: dict[str, float | None] = {}
         if "plasticity" in self.names:
             out["plasticity"] = host.get("plasticity")

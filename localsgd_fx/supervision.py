@@ -13,8 +13,12 @@ synchronises a GPU with the host. Non-finite losses are ignored.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+__all__ = ["WeakSupervision", "MODES"]
 
 MODES = ("sign", "scale", "off")
 
@@ -40,7 +44,7 @@ class WeakSupervision(nn.Module):
             raise ValueError(f"weak_supervision must be one of {MODES}, got {mode!r}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"weak-supervision beta must be in [0, 1), got {beta}")
-        if not isinstance(base_lr, (int, float)) or base_lr != base_lr or base_lr < 0:
+        if not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr < 0:
             raise ValueError(f"local_lr must be a finite number >= 0, got {base_lr!r}")
         self.mode, self.beta = mode, float(beta)
         self.register_buffer("base_lr", torch.tensor(float(base_lr)))

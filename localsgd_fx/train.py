@@ -18,6 +18,11 @@ Determinism: the model is initialised from ``seed``; the batch order and augment
 next epoch. So on CPU ``epochs=4`` in one go and ``stop_after=2`` + ``resume`` give identical
 weights, transitions and metrics (apart from wall times).
 
+Data parallel: in a running ``torch.distributed`` group (``torchrun``) each process trains its
+shard of every global batch of N x ``batch_size`` through
+:class:`~localsgd_fx.distributed.LocalSGDDataParallel` and tests its shard of the test set (sums
+all-reduced); rank 0 alone logs and writes files; the checkpoint holds every process's RNG state.
+
 Example::
 
     >>> from localsgd_fx.train import TrainConfig, fit
@@ -41,17 +46,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import models_zoo
-from passes.inspection import speed_bound
+from passes.errors import LocalSGDError
 
 from .api import DEFAULT_LOCAL_LR, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
+from .atomic import atomic_write_text
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
+from .cost import speed_bound
 from .data import Batches, ImageDataset, load_dataset
+from .lock import RunLock
+from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
 from .metrics import SavedActivationMeter, format_table, write_metrics
-from .runtime import COMPILE_MODES, resolve_device
+from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
+__all__ = ["TrainConfig", "ConfigError", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
 
 # ---------------------------------------------------------------------------------------------
 # The default run (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
@@ -67,9 +76,18 @@ MAIN_TEST_SUBSET = 2000
 STEP_MILESTONES, STEP_GAMMA = (0.5, 0.75), 0.1
 #: Data subsets are drawn with this seed whatever ``seed`` is, so every seed sees the same images.
 SUBSET_SEED = 0
-#: Config fields that steer the run but not its numbers (ignored when comparing with a checkpoint).
+#: The files a run writes into its folder (``--overwrite`` deletes them before starting over).
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "metrics.jsonl", "metrics.csv", "summary.json", "transition.png",
+             "accuracy_vs_time.png")
+#: Config fields that steer the run but not its numbers: a resumed run may change them; any other
+#: difference from the checkpoint's config (``epochs`` included: it shapes the LR and static schedules)
+#: is refused.
 RUN_CONTROL = ("data_dir", "out", "resume", "overwrite", "stop_after", "progress", "device", "compile",
                "eval_batch_size")
+
+
+class ConfigError(LocalSGDError, ValueError):
+    """A configuration value or combination that cannot run; the message names the field and what is valid."""
 
 
 @dataclass
@@ -94,7 +112,7 @@ class TrainConfig:
     augment: bool | None = None          # None: random crop + flip for CIFAR, none for Fashion-MNIST
     # SGD
     epochs: int = MAIN_EPOCHS
-    batch_size: int = 128
+    batch_size: int = 128                # per process: under torchrun the global batch is N x batch_size
     lr: float = 0.1
     lr_schedule: str = "cosine"          # "cosine" | "step", stepped per iteration
     momentum: float = 0.9
@@ -128,10 +146,15 @@ class TrainConfig:
     eval_batch_size: int = 512
 
     def validate(self) -> "TrainConfig":
-        """Check every field; raises ``ValueError`` naming the field, its value and what is valid."""
+        """Check every field; raises :class:`ConfigError` naming the field, its value and what is valid."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
+
+        for name in ("lr", "momentum", "weight_decay", "local_lr", "sample_fraction", "alpha", "shift", "c1", "c2"):
+            value = getattr(self, name)   # inf/nan pass the range checks below (and inf > 0)
+            need(value is None or (isinstance(value, (int, float)) and math.isfinite(value)),
+                 f"{name} must be a finite number, got {value!r}")
 
         for name in ("epochs", "batch_size", "eval_batch_size"):
             need(_pos_int(getattr(self, name)), f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -144,6 +167,10 @@ class TrainConfig:
         need(self.lr_schedule in ("cosine", "step"), f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.local_lr >= 0, f"local_lr must be >= 0, got {self.local_lr}")
+        need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        need(not (self.resume and self.overwrite),
+             "resume and overwrite exclude each other: --resume continues the run in --out, --overwrite starts it over")
         need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
@@ -185,13 +212,13 @@ def schedule_kwargs(config: TrainConfig, steps_per_epoch: int | None = None) -> 
     stray = sorted(set(given) - set(own))
     if stray:
         users = "/".join(name for name, names in SCHEDULE_OPTIONS.items() if stray[0] in names)
-        raise ValueError(f"--{stray[0].replace('_', '-')} is an option of the {users} schedule, not of schedule "
-                         f"{config.schedule!r}")
+        raise ConfigError(f"--{stray[0].replace('_', '-')} is an option of the {users} schedule, not of schedule "
+                          f"{config.schedule!r}")
     every = given.get("decide_every")
     if isinstance(every, float):
         if not 0.0 < every <= 1.0:
-            raise ValueError(f"--decide-every must be an int >= 1 (training steps) or a float in (0, 1] (a fraction "
-                             f"of an epoch), got {every!r}")
+            raise ConfigError(f"--decide-every must be an int >= 1 (training steps) or a float in (0, 1] (a fraction "
+                              f"of an epoch), got {every!r}")
         if steps_per_epoch is not None:
             given["decide_every"] = max(1, round(every * steps_per_epoch))
     return given
@@ -242,6 +269,11 @@ class TrainResult:
                 ("local FLOP fraction p", _fmt(last["local_fraction"], "{:.3f}")),
                 ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (GEMM model)"),
                 ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
+        compile_s = sum(r.get("compile_s") or 0.0 for r in self.metrics)
+        if self.model.compile_count:
+            rows.append(("compiling", f"{compile_s:.1f} s of the train time, {self.model.compile_count} graphs, "
+                                      f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} loaded from torch's cache "
+                                      f"(compile={cfg.compile})"))
         head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
                 f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")
         text = head + "\n" + format_table(rows, ("result", "value"))
@@ -251,14 +283,19 @@ class TrainResult:
 
 
 def load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    """The train and test splits of ``config.dataset``, cut to the configured subsets."""
-    train = load_dataset(config.dataset, "train", config.data_dir)
-    test = load_dataset(config.dataset, "test", config.data_dir)
-    if config.train_subset:
-        train = train.subset(config.train_subset, seed=SUBSET_SEED)
-    if config.test_subset:
-        test = test.subset(config.test_subset, seed=SUBSET_SEED)
-    return train, test
+    """The train and test splits of ``config.dataset``, cut to the configured subsets.
+
+    A subset larger than its split is refused (:class:`ConfigError`) rather than cut to the split,
+    which would make the run report a size it did not train on.
+    """
+    splits = []
+    for split, size in (("train", config.train_subset), ("test", config.test_subset)):
+        data = load_dataset(config.dataset, split, config.data_dir)
+        if size and size > len(data):
+            raise ConfigError(f"--{split}-subset {size} asks for more images than the {config.dataset} {split} split "
+                              f"holds ({len(data)}): pass at most {len(data)}, or 0 for the whole split")
+        splits.append(data.subset(size, seed=SUBSET_SEED) if size else data)
+    return splits[0], splits[1]
 
 
 #: ``--amp`` -> autocast dtype
@@ -311,7 +348,9 @@ class Trainer:
                  data: tuple[ImageDataset, ImageDataset] | None = None, log: Callable[[str], None] | None = print):
         self.config = config.validate()
         self.callbacks = list(callbacks or [])
-        self.log = log or (lambda _msg: None)
+        # under torch.distributed (torchrun) every process trains a shard; rank 0 alone logs and writes
+        self.rank, self.world_size = rank(), world_size()
+        self.log = log if log is not None and self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
         self.train_set, self.test_set = data if data is not None else load_data(config)
         torch.manual_seed(config.seed)
@@ -320,7 +359,11 @@ class Trainer:
         net = models_zoo.get_model(config.model, self.train_set.num_classes, self.train_set.image_shape[0])
         net.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
         augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
-        self.batches = Batches(self.train_set, config.batch_size, augment=augment, seed=config.seed, device=self.device)
+        n, shards = self.world_size, dict(shard=self.rank, num_shards=self.world_size)
+        # a last global batch smaller than the process count would leave a process without data: drop it
+        tiny_tail = 0 < len(self.train_set) % (config.batch_size * n) < n
+        self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
+                               device=self.device, drop_last=tiny_tail, **shards)
         schedule = make_schedule(config.schedule, **schedule_kwargs(config, len(self.batches)))
         self.model = compile_localsgd(
             net, rule=config.rule, schedule=schedule,
@@ -330,13 +373,16 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
+        self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
         self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.test_batches = Batches(self.test_set, config.eval_batch_size, shuffle=False, device=self.device)
+        self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
+                                    **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
         self.epoch = 0
         self.metrics: list[dict[str, Any]] = []
         self.rng = capture_rng()          # each trainer owns its RNG stream (interleaved arms stay independent)
+        self.rng_ranks = [self.rng]       # every process's, for the checkpoint (resume restores each its own)
         self.out_dir = Path(config.out) if config.out else None
 
     # ------------------------------------------------------------------------------ schedule
@@ -354,12 +400,13 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         """Train one epoch, run learning-mode selection, evaluate; returns (and stores) its record."""
         cfg, lm, cuda = self.config, self.model, self.device.type == "cuda"
+        step_model = self.data_parallel if self.data_parallel is not None else lm
         restore_rng(self.rng)
         lm.train()
         t = t_now = lm.transition
         segments: list[tuple[int, int]] = []     # (t, steps) of each stretch of the epoch at one transition
         segment_start = 0
-        compile_before, decisions_before = lm.compile_seconds, len(lm.compile_decisions)
+        compile_before, decisions_before, hits_before = lm.compile_seconds, len(lm.compile_decisions), compile_cache_hits()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         steps = len(self.batches)
@@ -369,8 +416,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         progress = _ProgressReader(self.device)
-        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or self.rank != 0, leave=False, dynamic_ncols=True)
         channels_last = torch.channels_last if cfg.channels_last else torch.preserve_format
         start = time.perf_counter()
         # the step: nothing in it waits for the device (no .item(), no sync); values are read once per epoch
@@ -379,7 +426,7 @@ class Trainer:
             x = x.contiguous(memory_format=channels_last)
             measure = i == meter_step and not lm.is_compiled(t_now)   # hooks do not see inside compiled graphs
             with meter if measure else contextlib.nullcontext(), self.autocast():
-                out = lm(x)
+                out = step_model(x)
                 loss = F.cross_entropy(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
@@ -390,8 +437,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             self.lr_scheduler.step()
-            lm.observe_loss(loss.detach())
-            if lm.maybe_decide() != t_now:      # a schedule deciding every K steps moved the boundary
+            step_model.observe_loss(loss.detach())
+            if step_model.maybe_decide() != t_now:      # a schedule deciding every K steps moved the boundary
                 segments.append((t_now, i + 1 - segment_start))
                 t_now, segment_start = lm.transition, i + 1
             loss_sum += loss.detach() * len(y)
@@ -399,7 +446,7 @@ class Trainer:
             seen += len(y)
             for cb in self.callbacks:
                 _call(cb, "on_step_end", self, i, loss.detach())
-            if cfg.progress and (i % 10 == 0 or i == steps - 1):
+            if not bar.disable and (i % 10 == 0 or i == steps - 1):
                 shown = progress.push(loss_sum, correct, seen)
                 if shown is not None:
                     bar.set_postfix({"t": t_now, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
@@ -407,13 +454,17 @@ class Trainer:
         segments.append((t_now, steps - segment_start))
         p, bound = _epoch_figures(lm, [seg for seg in segments if seg[1]])        # of the transitions used this epoch
         compiled = lm.is_compiled(t_now)
-        t_next = lm.end_epoch()
+        t_next = step_model.end_epoch()
         if cuda:
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start
         bar.close()
         for decision in lm.compile_decisions[decisions_before:]:
             self.log(decision.line())
+        if self.world_size > 1:   # the epoch's figures over all processes
+            totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                 torch.tensor(float(seen), dtype=torch.float64, device=self.device)]))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         test_loss, test_acc, eval_time = self.evaluate()
         self.epoch += 1
         stats = lm.stats()
@@ -427,11 +478,14 @@ class Trainer:
             "saved_activation_mb": meter.megabytes if meter.bytes else None,
             "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
             "compile_s": lm.compile_seconds - compile_before, "compiled": compiled,
+            "compile_cache_hits": compile_cache_hits() - hits_before,
             "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
+            "world_size": self.world_size, "replica_max_abs_diff": replica_max_abs_diff(lm),
             **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
         }
         self.metrics.append(record)
         self.rng = capture_rng()
+        self.rng_ranks = gather_objects(self.rng)
         for cb in self.callbacks:
             _call(cb, "on_epoch_end", self, record)
         return record
@@ -444,11 +498,16 @@ class Trainer:
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
         channels_last = torch.channels_last if self.config.channels_last else torch.preserve_format
         for x, y in self.test_batches.epoch(0):
+            if len(y) == 0:                 # a process's share of a last batch smaller than the process count
+                continue
             with self.autocast():
                 out = self.model(x.contiguous(memory_format=channels_last))
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
         self.model.train()
+        if self.world_size > 1:   # each process tested its shard of the test set
+            totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double()]))
+            loss_sum, correct = totals[0], totals[1]
         n = len(self.test_set)
         return loss_sum.item() / n, correct.item() / n, time.perf_counter() - start
 
@@ -458,47 +517,65 @@ class Trainer:
         return {"config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
-                "rng": self.rng, "metrics": list(self.metrics)}
+                "rng": self.rng, "metrics": list(self.metrics),
+                **({"rng_ranks": self.rng_ranks} if self.world_size > 1 else {})}
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
-        """Restore a checkpoint; refuses one of another model/dataset/rule/schedule (:class:`CheckpointError`)."""
-        differ = [k for k in check_compatible(state, self.config.to_dict(), path) if k not in RUN_CONTROL]
-        if differ:
-            saved = state["config"]
-            self.log("warning: resuming with changed " + ", ".join(
-                f"{k} ({saved[k]!r} -> {getattr(self.config, k)!r})" for k in differ))
+        """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside :data:`RUN_CONTROL`."""
+        check_compatible(state, self.config.to_dict(), path, ignore=RUN_CONTROL)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
+        ranks = state.get("rng_ranks", [])
+        if len(ranks) == self.world_size > 1:   # each process continues its own random stream
+            self.rng = ranks[self.rank]
+        self.rng_ranks = list(ranks) if len(ranks) == self.world_size else [self.rng]
+        was = self.metrics[-1].get("world_size", 1) if self.metrics else self.world_size
+        if was != self.world_size:
+            self.log(f"warning: resuming a run of {was} process(es) with {self.world_size}: the global batch changes "
+                     f"from {was} x {self.config.batch_size} to {self.world_size} x {self.config.batch_size}")
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
-        """Train until ``epochs`` (or ``stop_after``), checkpointing and logging every epoch."""
+        """Train until ``epochs`` (or ``stop_after``), checkpointing and logging every epoch.
+
+        The run folder is locked meanwhile (:class:`~localsgd_fx.lock.RunLock`): a second run into it
+        is refused with :class:`~localsgd_fx.lock.RunFolderBusy`.
+        """
+        if self.out_dir is None or self.rank != 0:   # under torchrun, rank 0 holds the lock for all processes
+            return self._fit()
+        with RunLock(self.out_dir, log=self.log):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         ckpt = self._prepare_out_dir()
         for cb in self.callbacks:
             _call(cb, "on_train_start", self)
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         plots: dict[str, Path] = {}
+        writes = self.out_dir is not None and self.rank == 0
         while self.epoch < stop:
             rec = self.train_epoch()
             self.log(self._epoch_line(rec))
-            if self.out_dir is not None:
+            if writes:
                 save_checkpoint(self.state_dict(), ckpt)
                 write_metrics(self.metrics, self.out_dir)
                 plots = self.write_plots()
-        if self.out_dir is not None and self.metrics and not plots:
+        if writes and self.metrics and not plots:
             plots = self.write_plots()
         result = TrainResult(cfg, list(self.metrics), self.model, self.out_dir, ckpt, plots)
-        if self.out_dir is not None:
+        if writes:
             summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
                        "epochs": self.epoch, "final_transition": self.model.transition,
                        "local_flop_epochs": result.local_flop_epochs,
+                       "compile_s": sum(r["compile_s"] for r in self.metrics),
+                       "compile_decisions": [d.as_dict() for d in self.model.compile_decisions],
                        "last_epoch": self.metrics[-1] if self.metrics else None}
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         for cb in self.callbacks:
             _call(cb, "on_train_end", self, result)
         return result
@@ -526,8 +603,12 @@ class Trainer:
         elif ckpt.exists() and not self.config.overwrite:
             raise CheckpointError(f"{ckpt} already exists: pass --resume to continue that run, --overwrite to "
                                   "start over, or another --out")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        elif self.config.overwrite and self.rank == 0:   # the old run's record must not stand beside the new run's config
+            for name in RUN_FILES:
+                (self.out_dir / name).unlink(missing_ok=True)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
         return ckpt
 
     def _epoch_line(self, r: dict[str, Any]) -> str:

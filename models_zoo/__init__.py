@@ -3,6 +3,8 @@
 Every model takes ``num_classes`` and ``in_channels``, works on 1x28x28 and 3x32x32
 inputs (global average pooling before the classifier), is ``torch.fx.symbolic_trace``-able,
 uses ``nn.Module`` layers only (each instance called once) and ends in an ``nn.Linear``.
+The model files do without ``from __future__ import annotations``: FX copies ``forward``'s
+annotations into the traced graph, and string annotations make it unpicklable.
 
 Example:
     >>> import torch, models_zoo

@@ -2,7 +2,6 @@
 BN-ReLU-3x3(k) bottleneck layers whose outputs are channel-concatenated onto their
 input, compression-0.5 transitions (BN-ReLU-1x1 conv-2x2 avg-pool), growth rate
 k = 12 and depth 100 (16 layers per block) by default."""
-from __future__ import annotations
 
 import torch
 from torch import nn

@@ -2,7 +2,6 @@
 stride-1 second stage, so 32x32 inputs are downsampled only 8x (32->4, 28->4).
 Inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear project) with an
 identity shortcut when stride is 1 and channels match; ``width_mult`` scales widths."""
-from __future__ import annotations
 
 import torch
 from torch import nn

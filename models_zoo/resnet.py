@@ -2,7 +2,6 @@
 with a ``stem`` switch: ``"cifar"`` (3x3 conv stride 1, no maxpool; default) or
 ``"imagenet"`` (7x7 conv stride 2 + 3x3 maxpool stride 2). Bottlenecks put the stride
 on the 3x3 conv (ResNet v1.5); projection shortcuts are 1x1 conv + BN."""
-from __future__ import annotations
 
 import torch
 from torch import nn

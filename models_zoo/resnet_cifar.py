@@ -1,7 +1,6 @@
 """CIFAR ResNet-20/32/56 (He et al. 2016, sec. 4.2): 3 stages of 16/32/64 channels,
 ``n`` basic blocks each (depth = 6n + 2), option-B (1x1 conv + BN) projection shortcuts
 wherever the shape changes, so every shortcut is either identity or a conv layer."""
-from __future__ import annotations
 
 import torch
 from torch import nn

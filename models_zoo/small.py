@@ -1,5 +1,4 @@
 """SmallCNN: a tiny 4-conv BN network (~61k params) for fast tests and smoke runs."""
-from __future__ import annotations
 
 import torch
 from torch import nn

@@ -2,7 +2,6 @@
 (each 3x3 conv followed by BN + ReLU, five 2x2 max-pools with ``ceil_mode=True`` so
 28x28 inputs survive: 28->14->7->4->2->1), global average pooling and a small
 512-512-classes classifier."""
-from __future__ import annotations
 
 import torch
 from torch import nn

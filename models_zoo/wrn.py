@@ -2,7 +2,6 @@
 (BN-ReLU-conv3x3-[dropout]-BN-ReLU-conv3x3), 3 stages of 16k/32k/64k channels,
 (d - 4)/6 blocks per stage and 1x1-conv shortcuts where the shape changes.
 WRN-16-4 is depth 16, widen factor 4."""
-from __future__ import annotations
 
 import torch
 from torch import nn

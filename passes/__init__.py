@@ -4,11 +4,11 @@ Each pass takes a ``GraphModule`` and returns a ``GraphModule`` or a small resul
 training state lives here.
 """
 from .errors import LocalSGDError
-from .inspection import layer_table, speed_bound, to_dot
+from .inspection import LAYER_COLUMNS, layer_rows, to_dot
 from .layers import Layer, LayerOrder, find_layers
 from .partition import Partition, partition
 from .rewrite import LocalUpdateSpec, rewrite
 from .trace import trace
 
 __all__ = ["LocalSGDError", "Layer", "LayerOrder", "find_layers", "Partition", "partition", "LocalUpdateSpec",
-           "rewrite", "trace", "layer_table", "speed_bound", "to_dot"]
+           "rewrite", "trace", "LAYER_COLUMNS", "layer_rows", "to_dot"]

@@ -11,6 +11,9 @@ and its FLOPs are summed over its sites.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from dataclasses import dataclass
 
 import networkx as nx
@@ -20,6 +23,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import LocalSGDError
+
+__all__ = ["Layer", "LayerOrder", "find_layers", "layer_kind", "propagate_shapes", "LAYER_TYPES"]
 
 LAYER_TYPES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Linear: "linear"}
 
@@ -99,9 +104,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
+    printed = io.StringIO()   # ShapeProp prints a traceback before raising; the error below replaces it
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(gm).propagate(*example_inputs)
+        sys.stderr.write(printed.getvalue())   # warnings of a good run still reach the user
+    except Exception as exc:  # noqa: BLE001 - ShapeProp wraps what the model raised
+        cause = exc.__cause__ or exc
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise LocalSGDError(
+            f"{type(gm).__name__} cannot run on the example inputs {shapes}: {str(cause).splitlines()[0]}; "
+            "give inputs of the size the model expects (an image large enough for its strides and kernels)"
+        ) from exc
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -16,6 +16,8 @@ import torch.fx as fx
 from .errors import LocalSGDError
 from .layers import LayerOrder
 
+__all__ = ["Partition", "partition", "check_transition", "SOURCE_OPS"]
+
 SOURCE_OPS = ("placeholder", "get_attr")
 
 
@@ -34,7 +36,8 @@ class Partition:
 
 
 def check_transition(order: LayerOrder, transition: int) -> None:
-    if not isinstance(transition, int) or not 0 <= transition <= len(order):
+    """Refuse a transition that is not an int in ``0..len(order)`` (the one range check of ``t``)."""
+    if not isinstance(transition, int) or isinstance(transition, bool) or not 0 <= transition <= len(order):
         raise LocalSGDError(
             f"transition {transition!r} is out of range: this model has {len(order)} layers, so t must be an "
             f"int in 0..{len(order)} (t=0: plain SGD, t={len(order)}: every layer local)."

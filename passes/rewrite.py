@@ -25,7 +25,13 @@ from .errors import LocalSGDError
 from .layers import LayerOrder
 from .partition import SOURCE_OPS, partition
 
+__all__ = ["rewrite", "LocalUpdateSpec", "detach_crossing", "PARTITION_META", "ROLE_META"]
+
 PARTITION_META = "localsgd_partition"
+#: ``node.meta`` key naming what a node made by this pass does: ``"local_update"`` (a fused
+#: local-update call), ``"crossing"`` (a prefix value detached for the SGD region) or
+#: ``"grad_mode"`` (switching autograd off and back on around the prefix).
+ROLE_META = "localsgd_role"
 
 
 @dataclass(frozen=True)
@@ -145,14 +151,18 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
 
     if part.prefix:
         grad_was_enabled = graph.call_function(torch.is_grad_enabled, ())
-        graph.call_function(torch._C._set_grad_enabled, (False,))
+        grad_was_enabled.meta[ROLE_META] = "grad_mode"
+        graph.call_function(torch._C._set_grad_enabled, (False,)).meta[ROLE_META] = "grad_mode"
         for node in nodes:
             if node.name in part.prefix:
                 env[node] = emit_layer_call(node, True) if node.name in layer_of_site else copy(node, env.__getitem__)
-        graph.call_function(torch._C._set_grad_enabled, (grad_was_enabled,))
+                if node.name in layer_of_site:
+                    env[node].meta[ROLE_META] = "local_update"
+        graph.call_function(torch._C._set_grad_enabled, (grad_was_enabled,)).meta[ROLE_META] = "grad_mode"
         for node in nodes:
             if node.name in part.crossing:
                 env[node] = graph.create_node("call_function", detach_crossing, (env[node],), name=f"{node.name}_detached")
+                env[node].meta[ROLE_META] = "crossing"
 
     outside_local = set(part.outside_local_sites)
     for node in nodes:

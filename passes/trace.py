@@ -7,12 +7,15 @@ being traced, and the ``leaf_modules=`` option that keeps that submodule opaque.
 from __future__ import annotations
 
 import traceback
+import typing
 from collections.abc import Iterable
 
 import torch.fx as fx
 from torch import nn
 
 from .errors import LocalSGDError
+
+__all__ = ["trace", "LeafSpec"]
 
 LeafSpec = str | type
 
@@ -89,4 +92,21 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = ()) -> fx.Grap
             + f"\n  fix: make that code traceable (no Python control flow on tensor values), or "
             f"keep the submodule opaque with {hatch}; its layers then stay on SGD."
         ) from exc
+    _resolve_string_annotations(graph, model)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _resolve_string_annotations(graph: fx.Graph, model: nn.Module) -> None:
+    """Turn the forward's string annotations on input/output nodes into types (or drop them).
+
+    FX copies ``forward``'s annotations onto the placeholder and output nodes; under
+    ``from __future__ import annotations`` they are strings, which the generated code imports as
+    bogus globals, so the ``GraphModule`` cannot be pickled or saved with ``torch.save``.
+    """
+    try:
+        hints = typing.get_type_hints(type(model).forward)
+    except Exception:  # noqa: BLE001 - an annotation naming something unimportable: drop them all
+        hints = {}
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = hints.get("return" if node.op == "output" else node.target)

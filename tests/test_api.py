@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -9,16 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import RefGeometry, clone_state, ref_new_weight
+import models_zoo
+from helpers.devices import requires_cuda
+from helpers.references import RefGeometry, ref_new_weight
+from helpers.state import clone_state
 from localsgd_fx import Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.ops import LOCAL_UPDATE
 from passes.rewrite import PARTITION_META
 
-
-
-def cuda(test):
-    """Marked ``cuda`` and skipped cleanly without a CUDA device."""
-    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+pytestmark = pytest.mark.single_thread
 
 
 class Net(nn.Module):
@@ -280,6 +281,22 @@ def test_state_dict_of_a_different_model_is_refused():
     assert other.transition == 0
 
 
+@pytest.mark.parametrize("version", [0, 2, None])
+def test_state_of_another_release_is_refused_and_leaves_state_untouched(version):
+    lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
+    lm.set_transition(2)
+    lm.epoch = 4
+    state = copy.deepcopy(lm.state_dict())
+    state["_extra_state"]["version"] = version
+    fresh_model = make(seed=3)
+    before = clone_state(fresh_model)
+    fresh = compile_localsgd(fresh_model, schedule="manual", sample_fraction=1.0)
+    with pytest.raises(LocalSGDError, match=f"version {version!r}.*reads version 1"):
+        fresh.load_state_dict(state)
+    assert (fresh.transition, fresh.epoch) == (0, 0)
+    assert_close(clone_state(fresh_model), before, rtol=0, atol=0)   # no weight was loaded either
+
+
 def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
     lm = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(2)
@@ -477,33 +494,14 @@ def test_deepcopy_and_state_of_the_wrapper():
 
 
 # --------------------------------------------------------------------- torch.compile
-@pytest.mark.slow
-def test_cpu_torch_compile_matches_eager():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
-    twin = copy.deepcopy(model)
-    compiled = compile_localsgd(model, schedule="manual", compile=True, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
-    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
-    compiled.set_transition(1)
-    eager.set_transition(1)
-    for step in range(3):
-        x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(step))
-        a, b = compiled(x), eager(x)
-        assert_close(a, b)
-        a.sum().backward()
-        b.sum().backward()
-        assert_close(model[0].weight, twin[0].weight)
-        assert_close(model[3].weight.grad, twin[3].weight.grad)
-        assert model[0].weight.grad is None
-    assert compiled.compile_count == 1 and eager.compile_count == 0
-
-
-@cuda
-def test_cuda_auto_compiles_and_matches_eager():
+@requires_cuda
+@pytest.mark.parametrize("mode", ["on", "reduce-overhead"])
+def test_cuda_compiled_matches_eager(mode):
     torch.manual_seed(0)
     model = make().cuda()
     twin = copy.deepcopy(model)
-    compiled = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0)  # compile="auto"
+    compiled = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0,
+                                compile=mode)
     eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
     for lm in (compiled, eager):
         lm.set_transition(2)
@@ -514,12 +512,28 @@ def test_cuda_auto_compiles_and_matches_eager():
     assert compiled.compile_count == 1
 
 
-@cuda
+@requires_cuda
 def test_cuda_one_compile_per_distinct_t():
     model = make().cuda()
-    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
+    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0, compile="on")
     x = batch().cuda()
     for t in (0, 1, 1, 2, 2):
         lm.set_transition(t)
         lm(x).sum().backward()
     assert lm.compile_count == 3
+
+
+def test_compiled_zoo_model_pickles_and_torch_saves():
+    torch.manual_seed(0)
+    lm = compile_localsgd(models_zoo.get_model("smallcnn", 10, 1), schedule="manual", sample_fraction=1.0)
+    lm.set_transition(2)
+    x = torch.randn(4, 1, 28, 28)
+    buf = io.BytesIO()
+    torch.save(lm, buf)
+    for loaded in (pickle.loads(pickle.dumps(lm)), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)):
+        assert loaded.transition == 2 and loaded.layer_order.names == lm.layer_order.names
+        twin = copy.deepcopy(lm)
+        assert_close(loaded(x), twin(x), rtol=0, atol=0)                 # a train step: local updates included
+        assert_close(loaded.model.features[0][0].weight, twin.model.features[0][0].weight, rtol=0, atol=0)
+        loaded.eval(), twin.eval()
+        assert_close(loaded(x), twin(x), rtol=0, atol=0)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from localsgd_fx import data
+from localsgd_fx.data import fashion_mnist
 from localsgd_fx.data import Batches, DatasetError, ImageDataset, list_datasets, load_dataset
 
-REAL_FMNIST_DIR = data.FASHION_MNIST_SYSTEM_DIR  # captured before the fixture hides it
+REAL_FMNIST_DIR = fashion_mnist.FASHION_MNIST_SYSTEM_DIR  # captured before the fixture hides it
 TRAIN_IMG, TRAIN_LBL = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMG, TEST_LBL = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 
@@ -27,10 +27,10 @@ TEST_IMG, TEST_LBL = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 def isolated(tmp_path, monkeypatch):
     """Cache in tmp_path, no $LOCALSGD_DATA, no system copy, and no network at all."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
-    monkeypatch.delenv(data.FASHION_MNIST_URL_ENV, raising=False)
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
-    monkeypatch.setattr(data, "FASHION_MNIST_URL", (tmp_path / "no-server").as_uri() + "/")
+    monkeypatch.delenv(fashion_mnist.DATA_ENV, raising=False)
+    monkeypatch.delenv(fashion_mnist.FASHION_MNIST_URL_ENV, raising=False)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-copy")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_URL", (tmp_path / "no-server").as_uri() + "/")
     real_urlopen = urllib.request.urlopen
 
     def file_only(url, *args, **kwargs):
@@ -125,17 +125,22 @@ def test_fmnist_search_order_and_layouts(tmp_path, monkeypatch):
     sysdir.mkdir()
     for name, arr in c.items():
         (sysdir / name[:-3]).write_bytes(idx_bytes(arr))
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", sysdir)
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", sysdir)
+    monkeypatch.setenv(fashion_mnist.DATA_ENV, str(tmp_path / "env"))
 
     def first_label_image(**kw):
         return load_dataset("fmnist", "train", download=False, **kw).images[0, 0].numpy()
 
     assert np.array_equal(first_label_image(root=tmp_path / "root"), a[TRAIN_IMG][0])
     assert np.array_equal(first_label_image(), b[TRAIN_IMG][0])
-    # a root without the files falls through to the next location
-    assert np.array_equal(first_label_image(root=tmp_path / "empty"), b[TRAIN_IMG][0])
-    monkeypatch.delenv(data.DATA_ENV)
+    # an explicit root is used or refused, never replaced by another copy (nor by a download)
+    for root, state in ((tmp_path / "empty", "it exists"), (tmp_path / "typo", "it does not exist")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        for download in (False, True):
+            with pytest.raises(DatasetError, match=f"not in the data folder {root} \\({state}\\)"):
+                load_dataset("fmnist", "train", root, download=download)
+    assert cache_files(tmp_path) == []
+    monkeypatch.delenv(fashion_mnist.DATA_ENV)
     assert np.array_equal(first_label_image(), c[TRAIN_IMG][0])
 
 
@@ -197,7 +202,7 @@ def test_fmnist_corrupt_files_raise_clear_error(tmp_path, corrupt):
 def test_fmnist_corrupt_system_copy_suggests_reinstall(tmp_path, monkeypatch):
     sysdir = write_fmnist(tmp_path / "sys", fake_fmnist())
     _wrong_magic(sysdir)
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", sysdir)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", sysdir)
     with pytest.raises(DatasetError, match="reinstall dataset-fashion-mnist"):
         load_dataset("fashion-mnist", "train")
 
@@ -212,7 +217,7 @@ def serve(tmp_path: Path, arrays: dict, monkeypatch) -> Path:
     srv = write_fmnist(tmp_path / "server", arrays)
     for name in arrays:
         md5 = hashlib.md5((srv / name).read_bytes()).hexdigest()
-        monkeypatch.setitem(data.FASHION_MNIST_MD5, name, md5)
+        monkeypatch.setitem(fashion_mnist.FASHION_MNIST_MD5, name, md5)
     return srv
 
 
@@ -221,9 +226,9 @@ def test_download_good(tmp_path, monkeypatch, via):
     arrays = fake_fmnist()
     srv = serve(tmp_path, arrays, monkeypatch)
     if via == "env":
-        monkeypatch.setenv(data.FASHION_MNIST_URL_ENV, srv.as_uri())  # no trailing slash
+        monkeypatch.setenv(fashion_mnist.FASHION_MNIST_URL_ENV, srv.as_uri())  # no trailing slash
     else:
-        monkeypatch.setattr(data, "FASHION_MNIST_URL", srv.as_uri() + "/")
+        monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_URL", srv.as_uri() + "/")
     train = load_dataset("fashion-mnist", "train")
     assert np.array_equal(train.images[:, 0].numpy(), arrays[TRAIN_IMG])
     target = tmp_path / "cache" / "localsgd_fx" / "fashion-mnist"
@@ -241,11 +246,11 @@ def test_download_good(tmp_path, monkeypatch, via):
 
 def test_download_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):
     srv = write_fmnist(tmp_path / "server", fake_fmnist())  # md5s stay the official ones
-    monkeypatch.setenv(data.FASHION_MNIST_URL_ENV, srv.as_uri() + "/")
+    monkeypatch.setenv(fashion_mnist.FASHION_MNIST_URL_ENV, srv.as_uri() + "/")
     with pytest.raises(DatasetError) as exc:
         load_dataset("fashion-mnist", "train")
     msg = str(exc.value)
-    assert "checksum" in msg and data.FASHION_MNIST_MD5[TRAIN_IMG] in msg and TRAIN_IMG in msg
+    assert "checksum" in msg and fashion_mnist.FASHION_MNIST_MD5[TRAIN_IMG] in msg and TRAIN_IMG in msg
     assert cache_files(tmp_path) == []
 
 
@@ -266,7 +271,7 @@ def test_download_missing_file_leaves_nothing(tmp_path):
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", REAL_FMNIST_DIR)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", REAL_FMNIST_DIR)
     train = load_dataset("fashion-mnist", "train", download=False)
     test = load_dataset("fashion-mnist", "test", download=False)
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
@@ -276,7 +281,7 @@ def test_real_fashion_mnist(monkeypatch):
     # content identical to the official release
     for name in (TRAIN_IMG, TRAIN_LBL, TEST_IMG, TEST_LBL):
         raw = gzip.decompress((REAL_FMNIST_DIR / name).read_bytes())
-        assert hashlib.md5(raw).hexdigest() == data.FASHION_MNIST_RAW_MD5[name]
+        assert hashlib.md5(raw).hexdigest() == fashion_mnist.FASHION_MNIST_RAW_MD5[name]
     x = train.images.float() / 255
     assert x.mean().item() == pytest.approx(train.mean[0], abs=1e-3)
     assert x.std().item() == pytest.approx(train.std[0], abs=1e-3)
@@ -381,7 +386,7 @@ def test_cifar_from_archive(tmp_path, monkeypatch, name):
     check_cifar(load_dataset(name, "test", dl / archive_name), name, expected["test"])
     check_cifar(load_dataset(name, "test"), name, expected["test"])
     # $LOCALSGD_DATA pointing at the parent of the extracted folder
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "src"))
+    monkeypatch.setenv(fashion_mnist.DATA_ENV, str(tmp_path / "src"))
     check_cifar(load_dataset(name, "train"), name, expected["train"])
 
 
@@ -406,6 +411,14 @@ def test_cifar_missing_path_lists_expected_files(tmp_path):
         assert part in msg
     with pytest.raises(DatasetError, match="cifar-100-python.*train.*meta"):
         load_dataset("cifar100", "train", tmp_path / "nothing-here")
+
+
+def test_cifar_explicit_root_is_never_replaced(tmp_path, monkeypatch):
+    write_cifar(tmp_path / "env", "cifar10")
+    monkeypatch.setenv(fashion_mnist.DATA_ENV, str(tmp_path / "env"))
+    assert len(load_dataset("cifar10", "test")) == 4                  # found through $LOCALSGD_DATA
+    with pytest.raises(DatasetError, match="not found in any of:\n  " + str(tmp_path / "typo") + "\n"):
+        load_dataset("cifar10", "test", tmp_path / "typo")           # a named folder is not replaced by it
 
 
 def test_cifar_missing_batch_named(tmp_path):

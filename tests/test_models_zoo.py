@@ -1,6 +1,8 @@
 """Tests for models_zoo: registry, fx-traceability, shapes, parameter counts, structure."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.fx
@@ -73,6 +75,16 @@ def test_trace_matches_eager_train(name: str) -> None:
         torch.manual_seed(123)
         fx_out = traced(x)
     torch.testing.assert_close(fx_out, eager)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_traced_model_pickles(name: str) -> None:
+    """A traced zoo model survives pickle (string annotations once broke GraphModule.__reduce__)."""
+    model, traced = _built(name, 1, 10)
+    loaded = pickle.loads(pickle.dumps(traced))
+    x = _input(INPUTS["fmnist"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), traced(x), rtol=0, atol=0)
 
 
 def test_traced_gradients_match_eager() -> None:

@@ -1,12 +1,12 @@
 """Property tests of the FX passes through ``compile_localsgd``: random CNN DAGs, the zoo, goldens.
 
-For random models and random ``t`` (see ``conftest.cnn_specs``):
+For random models and random ``t`` (see ``helpers.random_cnn``: mostly branching DAGs, mostly ``t > 0``):
 
 * the forward equals the untransformed model's forward with the weights as they were before the
   update; SGD-region gradients equal the reference's; prefix parameters get ``.grad is None``;
   BatchNorm running statistics update exactly as in the reference (train mode);
 * every local layer's weight moved by exactly the rule's update, checked against the independent
-  im2col / einsum reference of ``conftest``;
+  im2col / einsum reference of ``helpers.references``;
 * nothing of the prefix is saved for backward except the crossing tensors, and less is saved than
   at ``t = 0``;
 * the emitted graphs lint, survive dead-code elimination and deep copies.
@@ -14,7 +14,6 @@ For random models and random ``t`` (see ``conftest.cnn_specs``):
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import networkx as nx
@@ -27,14 +26,23 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import (CallRecorder, build, clone_state, cnn_specs, examples, expected_prefix, grads,
-                      module_geometry, prefix_parameters, randomize_batchnorm, ref_new_weight, run_recording_saved, saved_bytes,
-                      check_nothing_saved_from_prefix)
+from helpers.golden import check_golden
+from helpers.hypothesis_profile import examples
+from helpers.prefix_oracle import expected_prefix, prefix_parameters
+from helpers.random_cnn import build, cnn_specs, randomize_batchnorm, transitions
+from helpers.references import CallRecorder, module_geometry, ref_new_weight
+from helpers.saved_tensors import check_nothing_saved_from_prefix, run_recording_saved, saved_bytes
+from helpers.state import clone_state, grads
 from localsgd_fx import LocalSGDError, compile_localsgd
+from localsgd_fx.cost import speed_bound
+from localsgd_fx.metrics import format_table
 from localsgd_fx.ops import LOCAL_UPDATE
-from passes import find_layers, layer_table, partition, rewrite, speed_bound, to_dot, trace
+from passes import LAYER_COLUMNS, find_layers, layer_rows, partition, rewrite, to_dot, trace
 from passes.partition import check_transition
-from passes.rewrite import PARTITION_META, LocalUpdateSpec
+from passes.inspection import REGION_COLOURS
+from passes.rewrite import PARTITION_META, ROLE_META, LocalUpdateSpec
+
+pytestmark = pytest.mark.single_thread
 
 GOLDEN = Path(__file__).parent / "golden"
 RULES = ["hebbian", "oja", "softhebb", "freeze"]
@@ -145,7 +153,7 @@ def check_saved(model: nn.Module, x: torch.Tensor, t: int) -> None:
 def test_random_cnn_any_t_matches_reference(spec, data):
     model, x = build(spec)
     n_layers = len(find_layers(trace(model)))
-    t = data.draw(st.integers(0, n_layers), label="t")
+    t = data.draw(transitions(n_layers), label="t")
     rule = data.draw(st.sampled_from(RULES), label="rule")
     check_local_step(model, x, t, rule=rule)
 
@@ -228,20 +236,20 @@ def test_deepcopy_of_local_module_runs_identically(spec, data):
 
 
 # ------------------------------------------------------------------------ 1-d / 3-d / MLP
-@examples(25)
+@examples(40)
 @given(spec=cnn_specs(dims=1), data=st.data())
 def test_random_conv1d_net_matches_reference(spec, data):
     model, x = build(spec)
-    t = data.draw(st.integers(0, len(find_layers(trace(model)))), label="t")
+    t = data.draw(transitions(len(find_layers(trace(model)))), label="t")
     check_local_step(model, x, t, rule=data.draw(st.sampled_from(RULES), label="rule"))
     check_saved(model, x, max(t, 1))
 
 
-@examples(15)
+@examples(25)
 @given(spec=cnn_specs(dims=3, max_ops=5), data=st.data())
 def test_random_conv3d_net_matches_reference(spec, data):
     model, x = build(spec)
-    t = data.draw(st.integers(0, len(find_layers(trace(model)))), label="t")
+    t = data.draw(transitions(len(find_layers(trace(model)))), label="t")
     check_local_step(model, x, t, rule=data.draw(st.sampled_from(RULES), label="rule"))
     check_saved(model, x, max(t, 1))
 
@@ -273,7 +281,7 @@ def test_linear_only_mlp_matches_reference(widths, tokens, rule, seed, data):
     torch.manual_seed(seed)
     model = MLP(widths, tokens).double()
     x = torch.randn(3, tokens, widths[0], dtype=torch.float64)
-    t = data.draw(st.integers(0, len(widths)), label="t")
+    t = data.draw(transitions(len(widths)), label="t")
     facts = check_local_step(model, x, t, rule=rule)
     assert facts["n_layers"] == len(widths)
     assert facts["lm"].layer_order.layers[0].kind == "linear"
@@ -468,17 +476,11 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
-@pytest.mark.parametrize("t", [2])
+@pytest.mark.parametrize("t", [1, 2, 3])
 def test_golden_rewritten_code(t):
     lm = compile_localsgd(TinyResNet(), schedule="manual", sample_fraction=1.0)
     lm.set_transition(t)
-    code = lm.graph_module.code
-    path = GOLDEN / f"tiny_resnet_t{t}.py.txt"
-    if os.environ.get("LOCALSGD_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(code)
-    assert path.exists(), f"missing golden {path}; run with LOCALSGD_UPDATE_GOLDEN=1"
-    assert code == path.read_text(), f"rewritten code differs from {path} (LOCALSGD_UPDATE_GOLDEN=1 rewrites it)"
+    check_golden(lm.graph_module.code, GOLDEN / f"tiny_resnet_t{t}.py.txt")
 
 
 def test_golden_model_runs_and_matches_reference():
@@ -514,7 +516,7 @@ def test_find_layers_orders_shortcut_beside_first_conv_and_counts_flops():
     shares = order.flop_shares()
     assert shares is not None and abs(sum(shares) - 1) < 1e-12
     assert order.local_fraction(2) == pytest.approx(shares[0] + shares[1])
-    table = layer_table(order, 2)
+    table = format_table(layer_rows(order, 2), LAYER_COLUMNS)
     assert "LOCAL" in table.splitlines()[2] and "SGD" in table.splitlines()[-1]
 
 
@@ -543,6 +545,30 @@ def test_partition_and_rewrite_direct():
     assert_close(same(x), gm(x))
     dot = to_dot(new)
     assert dot.startswith('digraph "localsgd"') and "penwidth" in dot and dot.rstrip().endswith("}")
+
+
+def test_to_dot_reads_node_roles_from_the_rewrite_meta_not_from_names():
+    class Named(nn.Module):   # user nodes whose names look like the rewrite's own
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.Linear(2, 3)
+            self.out_detached, self.grad_enabled = nn.ReLU(), nn.Identity()
+
+        def forward(self, x):
+            h = self.conv2(torch.relu(self.conv1(x)))
+            return self.fc(self.grad_enabled(self.out_detached(h)).mean((2, 3)))
+
+    gm = trace(Named())
+    new = rewrite(gm, find_layers(gm), 1, LocalUpdateSpec(op=LOCAL_UPDATE, lr=torch.tensor(0.0), rule="hebbian"))
+    roles = {n.name: n.meta.get(ROLE_META) for n in new.graph.nodes}
+    assert roles["conv1"] == "local_update" and roles["relu_detached"] == "crossing"
+    assert sorted(r for r in roles.values() if r == "grad_mode") == ["grad_mode"] * 3
+    assert roles["out_detached"] is None and roles["grad_enabled"] is None
+    lines = {line.split('"')[1]: line for line in to_dot(new).splitlines() if line.startswith('  "') and "->" not in line}
+    assert REGION_COLOURS["local"] in lines["conv1"] and "penwidth" in lines["conv1"]
+    assert REGION_COLOURS["crossing"] in lines["relu_detached"]
+    for name in ("out_detached", "grad_enabled", "conv2"):
+        assert REGION_COLOURS["sgd"] in lines[name] and "penwidth" not in lines[name], name
 
 
 def test_speed_bound_formula():

@@ -1,4 +1,4 @@
-"""Local rules and the fused op, against the independent im2col / einsum references of conftest."""
+"""Local rules and the fused op, against the independent im2col / einsum references of ``helpers.references``."""
 from __future__ import annotations
 
 import math
@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import CallRecorder, RefGeometry, examples, im2col, ref_new_weight
+from helpers.hypothesis_profile import examples
+from helpers.references import CallRecorder, RefGeometry, im2col, ref_new_weight
 from localsgd_fx import LocalRule, LocalSGDError, compile_localsgd, list_rules, register_rule
 from localsgd_fx.ops import LOCAL_UPDATE
 from localsgd_fx.rules import Freeze, Hebbian, Oja, SoftHebb, get_rule, make_rule
+
+pytestmark = pytest.mark.single_thread
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 GRAD_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}

@@ -101,6 +101,15 @@ def test_static_c1_capped_at_max_local():
     assert run(s, 8, 5, range(1, 7)) == [1, 2, 3, 5, 5, 5]  # floor(5 u): 1.25, 2.5, 3.75, 5
 
 
+def test_static_int_c1_above_max_local_is_refused():
+    s = Static("linear", c1=9, c2=0, total_epochs=4)
+    with pytest.raises(ValueError, match=r"c1=9 layers is more than may turn local: max_local=5 of this model's 8"):
+        s.bind(8, 5)
+    assert not s.bound
+    s.bind(10, 9)                       # the same schedule fits a larger model
+    assert s.c1_layers == 9
+
+
 def test_static_total_epochs_from_bind_and_constructor_wins():
     s = Static("linear", c1=4, c2=0)
     s.bind(5, 4, total_epochs=4)
@@ -232,6 +241,26 @@ def test_dynamic_warmup_blocks_moves_but_records():
     assert s.select(stats(3, 0, 4, norms={0: 0.01, 1: 1.0, 2: 1.0, 3: 1.0})) == 1
 
 
+def test_dynamic_exact_tie_keeps_t():
+    """``δ < α·W̄`` is strict, as in the paper: δ exactly at the threshold keeps t."""
+    s = Dynamic(alpha=0.5, shift=1, beta=0.5, warmup_epochs=0)
+    assert s.select(stats(1, 0, 4, norms={0: 3.0, 1: 1.0, 2: 1.0, 3: 1.0})) == 0      # W̄0 = 3
+    # δ0 = 1 -> W̄0 = 0.5*3 + 0.5*1 = 2, threshold 0.5*2 = 1 = δ0 exactly (all exact in binary)
+    assert s.select(stats(2, 0, 4, norms={0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})) == 0
+    assert s.log_stats() == {"delta": 1.0, "running_avg": 2.0, "threshold": 1.0, "moved": 0.0}
+    # δ0 = 0.5 -> W̄0 = 1.25, threshold 0.625 > 0.5: below the threshold moves
+    assert s.select(stats(3, 0, 4, norms={0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0})) == 1
+
+
+def test_dynamic_zero_update_moves_even_with_a_zero_average():
+    """A layer whose SGD updates are all zero (δ = W̄ = 0, e.g. it gets no gradient) has nothing to
+    learn by SGD: it moves instead of holding t for good (0 < α·0 is false)."""
+    s = Dynamic(alpha=0.3, shift=1, warmup_epochs=1)
+    dead_two = {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    assert run(s, 4, 3, [1, 2, 3, 4, 5], [dead_two] * 5) == [0, 1, 2, 2, 2]
+    assert s.running_avg[0] == s.running_avg[1] == 0.0
+
+
 @pytest.mark.parametrize(
     "shift, n, expected",
     [(0.1, 5, 1), (0.1, 9, 1), (0.1, 10, 1), (0.1, 25, 2), (0.15, 20, 3), (1.0, 7, 7), (3, 50, 3)],
@@ -306,6 +335,8 @@ def test_static_constraints(scenario, args):
     n, max_local, total, epochs, norms_seq = scenario
     if isinstance(args["c2"], int):
         args["c2"] = args["c2"] % total  # keep it valid: an epoch below total_epochs
+    if isinstance(args["c1"], int):
+        args["c1"] = min(args["c1"], max_local) or 1.0  # keep it valid: layers that may turn local
     s = Static(args.pop("kind"), total_epochs=total, **args)
     check_constraints(run(s, n, max_local, epochs, norms_seq), max_local)
 

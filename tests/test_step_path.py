@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd_fx import compile_localsgd
+from localsgd_fx import Dynamic, compile_localsgd
 from localsgd_fx.data import ImageDataset
 from localsgd_fx.runtime import AutoCompile, compile_mode
 from localsgd_fx.train import TrainConfig, Trainer
@@ -164,9 +164,14 @@ def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
     for t in (0, 2):
         for lm in (compiled, eager):
             lm.set_transition(t)
+            lm.zero_grad(set_to_none=True)
         for x in batches:
-            for lm in (compiled, eager):
-                F.cross_entropy(lm(x), y[:len(x)]).backward()
+            outs = [lm(x) for lm in (compiled, eager)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+            for out in outs:
+                F.cross_entropy(out, y[:len(x)]).backward()
+            assert net[0].weight.grad is None or t == 0                  # a local layer gets no gradient
+            torch.testing.assert_close(net[-1].weight.grad, twin[-1].weight.grad, rtol=1e-5, atol=1e-6)
         compiled.eval()
         with torch.no_grad():
             compiled(torch.randn(3, 1, 6, 6))                            # evaluation: eager, no graph
@@ -271,7 +276,7 @@ def test_expected_steps_at_transition():
     lm.end_epoch()
     lm(x)
     assert lm.expected_steps_at_transition() == 5 + 8 * 6
-    dyn = compile_localsgd(small_net(), schedule="dynamic", total_epochs=10)
+    dyn = compile_localsgd(small_net(), schedule=Dynamic(warmup_epochs=5), total_epochs=10)   # cannot move yet
     for epoch in range(2):
         for _ in range(6):
             dyn(x)

@@ -1,0 +1,229 @@
+"""CIFAR-10 and CIFAR-100 from the official python-pickle layout: a folder, or the ``.tar.gz`` archive.
+
+Never downloaded; the archive is extracted into the user cache. The pickles are read with an
+unpickler that only rebuilds numpy arrays, so a crafted file cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .dataset import DATA_ENV, DatasetError, ImageDataset, cache_dir
+
+__all__ = ["load_cifar", "CIFAR_URL"]
+
+#: Where to get CIFAR-10/100.
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+@dataclass(frozen=True)
+class _CifarSpec:
+    folder: str
+    archive: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_CIFAR = {
+    "cifar10": _CifarSpec(
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": _CifarSpec(
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that only reconstructs numpy arrays/dtypes (what the CIFAR files contain)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol < 3
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]  # avoid numpy 2's warning
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            obj = _SafeUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt file
+        raise DatasetError(
+            f"{path} is not a valid CIFAR python pickle ({type(exc).__name__}: {exc}). Delete "
+            f"it and extract it again from the official archive ({CIFAR_URL})."
+        ) from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(
+            f"{path} is not a valid CIFAR python pickle (holds {type(obj).__name__}, expected a "
+            f"dict). Delete it and extract it again from the official archive ({CIFAR_URL})."
+        )
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
+
+
+def _cifar_expected(spec: _CifarSpec, split: str) -> tuple[str, ...]:
+    return (spec.train_files if split == "train" else spec.test_files)
+
+
+def _cifar_dir_candidates(root: str | os.PathLike[str] | None) -> list[Path]:
+    if root is not None:   # the user named the place: use it or fail, never fall back to another copy
+        return [Path(root).expanduser()]
+    bases: list[Path] = []
+    env = os.environ.get(DATA_ENV)
+    if env:
+        bases.append(Path(env).expanduser())
+    bases.append(cache_dir())
+    return bases
+
+
+def _locate_cifar(spec: _CifarSpec, split: str, root: str | os.PathLike[str] | None) -> Path:
+    needed = _cifar_expected(spec, split)
+    bases = _cifar_dir_candidates(root)
+    for base in bases:
+        if base.is_file() and base.name.endswith((".tar.gz", ".tgz")):
+            return _extract_cifar(spec, base, needed)
+        for d in (base, base / spec.folder):
+            present = [f for f in (*needed, spec.meta_file) if (d / f).is_file()]
+            if present:
+                missing = [f for f in needed if not (d / f).is_file()]
+                if missing:
+                    raise DatasetError(
+                        f"{d} is missing {', '.join(missing)} (CIFAR {split} split needs "
+                        f"{', '.join(needed)}). Extract the official archive {spec.archive} "
+                        f"again (from {CIFAR_URL})."
+                    )
+                return d
+        archive = base / spec.archive
+        if archive.is_file():
+            return _extract_cifar(spec, archive, needed)
+    where = "\n  ".join(str(b) for b in bases)
+    raise DatasetError(
+        f"{spec.folder}/ with {', '.join((*needed, spec.meta_file))} (or the archive "
+        f"{spec.archive}) not found in any of:\n  {where}\nDownload {spec.archive} (python "
+        f"version) from {CIFAR_URL} and pass its folder as root (or set ${DATA_ENV})."
+    )
+
+
+def _extract_cifar(spec: _CifarSpec, archive: Path, needed: Sequence[str]) -> Path:
+    """Extract ``archive`` into the user cache atomically; return the extracted folder."""
+    dest = cache_dir() / spec.folder
+    if all((dest / f).is_file() for f in needed):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", suffix=".part", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = [m for m in tar.getmembers()
+                           if m.name == spec.folder or m.name.startswith(spec.folder + "/")]
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, members=members, **kwargs)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(
+                f"cannot extract {archive} ({type(exc).__name__}: {exc}). Download "
+                f"{spec.archive} again from {CIFAR_URL}."
+            ) from exc
+        missing = [f for f in needed if not (tmp / spec.folder / f).is_file()]
+        if missing:
+            raise DatasetError(
+                f"{archive} does not contain {', '.join(spec.folder + '/' + f for f in missing)}. "
+                f"Download {spec.archive} (python version) again from {CIFAR_URL}."
+            )
+        if dest.exists():  # an older partial folder: replace it
+            shutil.rmtree(dest)
+        os.replace(tmp / spec.folder, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def load_cifar(name: str, split: str, root: str | os.PathLike[str] | None) -> ImageDataset:
+    """``split`` of ``name`` (``"cifar10"`` / ``"cifar100"``); see :func:`localsgd_fx.data.load_dataset`."""
+    spec = _CIFAR[name]
+    folder = _locate_cifar(spec, split, root)
+    datas, labels = [], []
+    for fname in _cifar_expected(spec, split):
+        path = folder / fname
+        batch = _unpickle(path)
+
+        def bad(reason: str, path: Path = path) -> DatasetError:
+            return DatasetError(
+                f"{path} is not a valid {name} batch: {reason}. Delete it and extract it again "
+                f"from the official archive {spec.archive} ({CIFAR_URL})."
+            )
+
+        if "data" not in batch or spec.label_key not in batch:
+            raise bad(f"missing key 'data' or '{spec.label_key}' (has {sorted(batch)})")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise bad(f"'data' is {data.dtype} {data.shape}, expected uint8 N x 3072")
+        lab = np.asarray(batch[spec.label_key], dtype=np.int64).reshape(-1)
+        if lab.shape[0] != data.shape[0]:
+            raise bad(f"{data.shape[0]} images but {lab.shape[0]} labels")
+        if lab.size and (lab.min() < 0 or lab.max() >= spec.num_classes):
+            raise bad(f"labels outside 0..{spec.num_classes - 1}")
+        datas.append(data)
+        labels.append(lab)
+    classes: tuple[str, ...] = ()
+    meta_path = folder / spec.meta_file
+    if meta_path.is_file():
+        names = _unpickle(meta_path).get(spec.names_key)
+        if isinstance(names, (list, tuple)) and len(names) == spec.num_classes:
+            classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    images = np.concatenate(datas).reshape(-1, 3, 32, 32)
+    return ImageDataset(
+        name=name,
+        images=torch.from_numpy(np.ascontiguousarray(images)),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        num_classes=spec.num_classes,
+        mean=spec.mean,
+        std=spec.std,
+        classes=classes,
+    )
+
