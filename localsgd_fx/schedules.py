@@ -719,7 +719,7 @@ class Plasticity(_SignalSchedule):
     and reports its relative change since the previous check, ``c``. Then:
 
     1. ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``);
-    2. the check is *settled* if ``c < threshold * W̄``;
+    2. the check is *settled* if ``c < threshold * W̄``, or ``c = 0``;
     3. after ``patience`` settled checks in a row, and once ``warmup_epochs`` epochs are complete,
        propose ``t + shift``; else ``t``.
 
@@ -771,7 +771,8 @@ class Plasticity(_SignalSchedule):
         prev = self.running_avg
         self.running_avg = value if prev is None else self.beta * prev + (1.0 - self.beta) * value
         self._last.update(running_avg=self.running_avg, threshold=self.threshold * self.running_avg)
-        return value < self.threshold * self.running_avg
+        # an output that did not change at all has settled (else W̄ = c = 0 would hold t for good)
+        return value < self.threshold * self.running_avg or value == 0.0
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -526,6 +526,11 @@ def test_plasticity_scripted_sequence():
     assert check(s, 0.01, t=2) == 2 and s.running_avg == 0.01
 
 
+def test_plasticity_unchanged_output_has_settled():
+    s = Plasticity(threshold=0.5, shift=1, warmup_epochs=0, patience=2)
+    assert [check(s, c) for c in (0.0, 0.0)] == [0, 1]        # W̄ = c = 0: no change at all is settled
+
+
 def test_plasticity_patience_and_warmup():
     s = Plasticity(threshold=0.5, beta=0.5, shift=1, warmup_epochs=3, patience=2)
     values = (1.0, 0.1, 1.0, 0.1, 0.05, 0.02)

@@ -71,7 +71,8 @@ class DrawRandomNumbers(Callback):
                                            (dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja",
                                                  epochs=5), 4),   # t = 0, 0, 0, 1, 2
                                            (dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1,
-                                                 decide_every=3), 3)],   # decisions every 3 of an epoch's 4 steps
+                                                 decide_every=3, epochs=5), 4)],   # every 3 of an epoch's 4 steps:
+                                                                                   # t moves in epochs 3 and 5
                          ids=["linear-hebbian", "dynamic-oja", "plasticity-every-3-steps"])
 def test_resume_is_exact(data_dir, tmp_path, variant, stop, device, request):
     """Stopping after a local epoch (whose sampled update rows draw random numbers) and resuming
