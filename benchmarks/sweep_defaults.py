@@ -10,6 +10,7 @@ Stages (``--stage``):
   schedule  alpha and shift of the dynamic schedule, with the chosen local rate
   static    c1 and c2 of the static quadratic schedule, with the chosen local rate
   aggressive  larger alpha/shift, sample_fraction, and freeze on the same schedule
+  signals   threshold of the plasticity and gradnorm schedules (deciding every quarter epoch)
 
 Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 CPU cores).
 """
@@ -47,6 +48,13 @@ STAGES = {
         "hebbian a0.5 s0.15 f0.25": {"alpha": 0.5, "shift": 0.15, "sample_fraction": 0.25},
         "hebbian a0.5 s0.25": {"alpha": 0.5, "shift": 0.25},
         "freeze a0.5 s0.15": {"rule": "freeze", "alpha": 0.5, "shift": 0.15},
+    },
+    "signals": {   # issue 12: boundary signals that can move t inside an epoch
+        "SGD": {"schedule": "sgd"},
+        **{f"plasticity {thr}": {"schedule": "plasticity", "threshold": thr, "decide_every": 0.25}
+           for thr in (0.3, 0.5, 0.7)},
+        **{f"gradnorm {thr}": {"schedule": "gradnorm", "threshold": thr, "decide_every": 0.25}
+           for thr in (0.05, 0.1, 0.2)},
     },
     "schedule": {
         "SGD": {"schedule": "sgd"},

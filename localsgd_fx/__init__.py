@@ -30,6 +30,8 @@ _EXPORTS = {
     "list_rules": "localsgd_fx.rules",
     "Dynamic": "localsgd_fx.schedules",
     "Static": "localsgd_fx.schedules",
+    "Plasticity": "localsgd_fx.schedules",
+    "GradNorm": "localsgd_fx.schedules",
     "make_schedule": "localsgd_fx.schedules",
 }
 __all__ = list(_EXPORTS)

@@ -26,7 +26,8 @@ from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
-from .schedules import EpochStats, Manual, PlainSGD, Schedule, make_schedule
+from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, EpochStats, Manual, PlainSGD, Schedule, make_schedule
+from .signals import SignalMeter
 from .supervision import WeakSupervision
 
 __all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_LOCAL_LR", "DEFAULT_SAMPLE_FRACTION"]
@@ -76,6 +77,11 @@ class LocalSGDModule(nn.Module):
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
         schedule.bind(len(order), max_local, total_epochs)
         self._snapshot_sgd_weights()
+        # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
+        probe_size = getattr(schedule, "probe_size", PLASTICITY_DEFAULT_PROBE_SIZE)
+        self.signals = SignalMeter(self, traced, order, schedule.signals, probe_size) if schedule.signals else None
+        if self.signals is not None:
+            self.signals.follow(self.transition)
 
     # ----------------------------------------------------------------------------- running
     def forward(self, *args, **kwargs):
@@ -145,9 +151,12 @@ class LocalSGDModule(nn.Module):
             start = self._epoch_start.get(layer.index)
             weight = self._weight(layer.index)
             norms[layer.index] = float((weight.detach() - start).norm()) if start is not None else 0.0
-        stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
-                           max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares())
-        new_t = int(self.schedule.select(stats))
+        new_t = self.transition
+        if self.schedule.decide_every is None:      # else it decides in maybe_decide
+            stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
+                               max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares(),
+                               signals=self._read_signals())
+            new_t = int(self.schedule.select(stats))
         self.epoch += 1
         before = self.transition
         if new_t != before:
@@ -162,6 +171,42 @@ class LocalSGDModule(nn.Module):
                              "update_norm": norms.get(before), **self.schedule.log_stats()})
         return self.transition
 
+    def maybe_decide(self) -> int:
+        """Call once after every optimizer step; returns the (possibly new) ``t``.
+
+        A schedule with ``decide_every = K`` (plasticity, gradnorm) takes a decision on every K-th call,
+        reading its signals with one device-to-host copy; other schedules decide in :meth:`end_epoch`
+        and this does nothing.
+        """
+        return self._decide() if self.schedule.due() else self.transition
+
+    def _decide(self) -> int:
+        """A decision inside the epoch (``maybe_decide`` found one due)."""
+        stats = EpochStats(epoch=self.epoch, transition=self.transition, num_layers=len(self._order),
+                           max_local=self.max_local, update_norms={}, flop_shares=self._order.flop_shares(),
+                           signals=self._read_signals())
+        before = self.transition
+        new_t = int(self.schedule.select(stats))
+        if new_t != before:
+            self.set_transition(new_t)
+            self._epochs_at_transition = 0
+        self.history.append({"epoch": self.epoch + 1, "step": self._steps_this_epoch, "transition_before": before,
+                             "transition": self.transition, **self.schedule.log_stats()})
+        return self.transition
+
+    def set_probe(self, *inputs: torch.Tensor) -> None:
+        """Fix the probe batch of the plasticity signal: the first ``probe_size`` rows of these inputs (by
+        default the wrapper keeps those of its first call)."""
+        if self.signals is None or "plasticity" not in self.signals.names:
+            raise LocalSGDError(f"set_probe is for a schedule that reads the plasticity signal; this one is "
+                                f"{type(self.schedule).__name__}")
+        self.signals.set_probe(*inputs)
+
+    def _read_signals(self) -> dict[str, float | None]:
+        if self.signals is None or self.transition >= self.max_local:   # nothing left to decide
+            return {}
+        return self.signals.read(self.transition, self.model)
+
     def set_transition(self, t: int, *, force: bool = False) -> None:
         """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
         check_transition(self._order, t)
@@ -169,6 +214,8 @@ class LocalSGDModule(nn.Module):
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")
         self.transition = t
+        if self.signals is not None:
+            self.signals.follow(t)
 
     # ------------------------------------------------------------------------- inspection
     @property
@@ -374,9 +421,10 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
         model: any ``torch.fx``-traceable module with ``nn.Conv{1,2,3}d`` / ``nn.Linear`` layers.
         rule: ``"hebbian"`` (default), ``"oja"``, ``"softhebb"``, ``"freeze"``, or a
             :class:`~localsgd_fx.rules.LocalRule` instance.
-        schedule: ``"dynamic"`` (default), ``"quadratic"``/``"static"``, ``"linear"``, ``"exponential"``,
-            ``"manual"`` (you call ``set_transition``), ``"sgd"``, a :class:`~localsgd_fx.schedules.Schedule`,
-            or a callable ``policy(epoch, stats) -> t``.
+        schedule: ``"dynamic"`` (default), ``"plasticity"``, ``"gradnorm"``, ``"quadratic"``/``"static"``,
+            ``"linear"``, ``"exponential"``, ``"manual"`` (you call ``set_transition``), ``"sgd"``, a
+            :class:`~localsgd_fx.schedules.Schedule`, or a callable ``policy(epoch, stats) -> t``. A schedule
+            built with ``decide_every=K`` (plasticity, gradnorm) decides in :meth:`~LocalSGDModule.maybe_decide`.
         local_lr: ``η0`` of the local rule.
         weak_supervision: ``"sign"`` (default), ``"scale"`` or ``"off"``.
         example_inputs: a tuple of inputs used once for FLOP counts; without it they are taken
@@ -402,7 +450,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = "hebbian", sch
 
         >>> model = compile_localsgd(models_zoo.get_model("resnet20"), schedule="dynamic")
         >>> loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); model.observe_loss(loss)
-        >>> model.end_epoch()   # once per epoch
+        >>> model.maybe_decide()   # after each step (only schedules deciding every K steps use it)
+        >>> model.end_epoch()      # once per epoch
     """
     compile = compile_mode(compile)
     if not isinstance(sample_fraction, (int, float)) or not 0.0 < sample_fraction <= 1.0:

@@ -4,7 +4,8 @@ What it measures: five arms trained side by side on the same data, seeds, epochs
 hyperparameters - plain SGD; LoCal+SGD (hebbian) with the dynamic schedule (Algorithm 1) at the
 library's defaults (alpha 0.3, 10 % of the layers per move); the freeze rule on that same
 schedule; and both again with the ``fast`` preset (alpha 0.5, 15 % per move). ``--arms`` also
-offers the ``fastest`` preset (alpha 0.5, 25 %). Each LoCal arm has a freeze
+offers the ``fastest`` preset (alpha 0.5, 25 %) and the signal schedules ``plasticity`` (Egeria)
+and ``gradnorm`` (AutoFreeze) at their defaults, deciding every quarter of an epoch. Each LoCal arm has a freeze
 twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
 by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
 schedule state) so a busy neighbour on a shared machine slows every arm
@@ -54,6 +55,8 @@ QUICK = dict(model="smallcnn", train_subset=512, test_subset=256, epochs=3, batc
 #: layers per decision) at a larger accuracy cost (docs/RESULTS.md).
 FAST = {"alpha": 0.5, "shift": 0.15}
 FASTEST = {"alpha": 0.5, "shift": 0.25}
+#: The signal schedules' arms decide four times an epoch, so that short runs can move early.
+SIGNAL_DECIDE_EVERY = 0.25
 #: The arms: name -> TrainConfig fields that differ from the base. The first one is the reference.
 #: Every LoCal arm has a freeze twin on the same schedule: is a local rule better than none?
 ARMS: dict[str, dict[str, Any]] = {
@@ -64,6 +67,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "freeze fast": {"rule": "freeze", "schedule": "dynamic", **FAST},
     "LoCal fastest": {"rule": "hebbian", "schedule": "dynamic", **FASTEST},
     "freeze fastest": {"rule": "freeze", "schedule": "dynamic", **FASTEST},
+    "LoCal plasticity": {"rule": "hebbian", "schedule": "plasticity", "decide_every": SIGNAL_DECIDE_EVERY},
+    "freeze plasticity": {"rule": "freeze", "schedule": "plasticity", "decide_every": SIGNAL_DECIDE_EVERY},
+    "LoCal gradnorm": {"rule": "hebbian", "schedule": "gradnorm", "decide_every": SIGNAL_DECIDE_EVERY},
+    "freeze gradnorm": {"rule": "freeze", "schedule": "gradnorm", "decide_every": SIGNAL_DECIDE_EVERY},
 }
 #: The arms run when ``--arms`` is not given.
 DEFAULT_ARMS = ("SGD", "LoCal dynamic", "freeze dynamic", "LoCal fast", "freeze fast")
@@ -73,7 +80,8 @@ def select_arms(names: Sequence[str] = DEFAULT_ARMS) -> dict[str, dict[str, Any]
     """``{name: overrides}`` of the named arms of :data:`ARMS`, in the given order."""
     return {name: ARMS[name] for name in names}
 
-__all__ = ["run_tradeoff", "summarise", "select_arms", "seed_lines", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS", "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK"]
+__all__ = ["run_tradeoff", "summarise", "select_arms", "seed_lines", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS", "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK",
+           "SIGNAL_DECIDE_EVERY"]
 
 
 def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[str, Any]] | None = None,

@@ -89,9 +89,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default=d["schedule"], choices=SCHEDULE_NAMES,
                    help="learning-mode selection; sgd = plain SGD (default %(default)s)")
     g.add_argument("--alpha", type=float, help="dynamic: move when delta < alpha * running average")
-    g.add_argument("--shift", type=_int_or_float, help="dynamic: layers per move (int) or fraction of the layers")
+    g.add_argument("--shift", type=_int_or_float,
+                   help="dynamic/plasticity/gradnorm: layers per move (int) or fraction of the layers")
     g.add_argument("--c1", type=_int_or_float, help="static: most layers ever local (int) or fraction of the layers")
     g.add_argument("--c2", type=_int_or_float, help="static: epoch (int) or fraction of the epochs where local starts")
+    g.add_argument("--threshold", type=float,
+                   help="plasticity: move when the probe output's change < threshold * its running average; "
+                        "gradnorm: move when the gradient norm's relative change < threshold")
+    g.add_argument("--patience", type=int, help="plasticity/gradnorm: checks in a row below the threshold to move")
+    g.add_argument("--decide-every", type=_int_or_float, metavar="K",
+                   help="plasticity/gradnorm: decide every K training steps (int) or fraction of an epoch (float) "
+                        "instead of at epoch ends")
+    g.add_argument("--probe-size", type=int, help="plasticity: images in the fixed probe batch")
     g.add_argument("--local-lr", type=float, default=d["local_lr"], help="eta0 of the local rule (default %(default)s)")
     g.add_argument("--weak-supervision", default=d["weak_supervision"], choices=["sign", "scale", "off"],
                    help="(default %(default)s)")

@@ -275,7 +275,52 @@ class LocalSGDDataParallel(nn.Module):
         """
         self.finish_step()
         self.sync_buffers()
-        return self.module.end_epoch()
+        with self._signals_on_replicas(epoch_end=True):
+            return self.module.end_epoch()
+
+    def maybe_decide(self) -> int:
+        """:meth:`LocalSGDModule.maybe_decide <localsgd_fx.api.LocalSGDModule.maybe_decide>` on identical
+        replicas: call it after every step, on every rank."""
+        lm = self.module
+        if not lm.schedule.due():
+            return lm.transition
+        self.finish_step()
+        self.sync_buffers()
+        with self._signals_on_replicas():
+            return lm._decide()
+
+    @contextlib.contextmanager
+    def _signals_on_replicas(self, epoch_end: bool = False) -> Iterator[None]:
+        """The boundary signals as one replica: rank 0's probe batch, values averaged over ranks (each rank's
+        gradient norms are its own), and at an epoch end the partial gradient sums too, so that every rank's
+        signal state, and the checkpoint written from rank 0's, is the same."""
+        meter = self.module.signals
+        if meter is None:
+            yield
+            return
+        if meter.probe is not None:
+            meter.probe = tuple(self._rank0_rows(x) for x in meter.probe)
+        if epoch_end and meter.grad_sum is not None:
+            meter.grad_sum = self._average(meter.grad_sum)
+            meter.grad_steps = self._average(meter.grad_steps.double()).round().to(meter.grad_steps.dtype)
+        meter.reduce = self._average
+        try:
+            yield
+        finally:
+            meter.reduce = None
+
+    def _average(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, group=self.process_group)
+        return values.div_(self.world_size)
+
+    def _rank0_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x``, cut to the fewest rows any rank holds (shards differ by at most one row)."""
+        rows = torch.tensor([x.shape[0]], device=x.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=self.process_group)
+        x = x[:int(rows)].contiguous()
+        dist.broadcast(x, _rank0(self.process_group), group=self.process_group)
+        return x
 
     # --------------------------------------------------------------------------- inspection
     def sync_buffers(self) -> None:

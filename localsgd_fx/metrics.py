@@ -4,10 +4,13 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 
 ========================  ====================================================================
 ``epoch``                 1-based epoch number
-``t``                     transition layer used during the epoch (layers ``< t`` were LOCAL)
-``t_next``                transition chosen at the end of the epoch (learning-mode selection)
+``t``                     transition layer at the start of the epoch (layers ``< t`` were LOCAL)
+``t_next``                transition at the end of the epoch (after learning-mode selection; a
+                          schedule with ``decide_every`` may also move it inside the epoch)
 ``local_fraction``        ``p``: FLOP fraction of the layers that were LOCAL during the epoch
-``speed_bound``           the GEMM model's step-speedup bound ``3/(3-p)`` (rule dependent) at ``t``
+                          (averaged over its steps when ``t`` moved inside it)
+``speed_bound``           the GEMM model's step-speedup bound ``3/(3-p)`` (rule dependent) over
+                          the epoch's transitions
 ``train_loss/acc``        mean cross-entropy / accuracy over the epoch's training batches
 ``test_loss/acc``         on the (sub)set of the test split, ``model.eval()`` + ``no_grad``
 ``epoch_time_s``          wall time of the epoch: training + evaluation
@@ -32,7 +35,9 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
                           processes at the end of the epoch (0.0: the replicas are identical)
 ``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
                           transition layer, ``running_avg`` = W̄, ``threshold``, ``moved``;
-                          static: ``u``, ``f``, ``target``)
+                          static: ``u``, ``f``, ``target``; plasticity / gradnorm: ``value``,
+                          ``settled``, ``moved`` of the last check, and ``running_avg``,
+                          ``threshold`` / ``rate``)
 ========================  ====================================================================
 """
 from __future__ import annotations

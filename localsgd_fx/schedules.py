@@ -1,7 +1,7 @@
 """Learning-mode selection: which layers are LOCAL and which are SGD (docs/DESIGN.md §4).
 
-A *schedule* (selector) is asked once at the end of every epoch for the next transition
-layer ``t``: layers ``0..t-1`` are updated with the local rule, layers ``t..N-1`` with SGD.
+A *schedule* (selector) is asked at the end of every epoch (or, if it has ``decide_every``,
+every that many training steps) for the next transition layer ``t``: layers ``0..t-1`` are updated with the local rule, layers ``t..N-1`` with SGD.
 Every schedule obeys the paper's constraints, enforced in one place,
 :meth:`Schedule.select`:
 
@@ -16,6 +16,10 @@ Provided schedules:
 
 * :class:`Static` - a closed-form function of the epoch (linear / quadratic / exponential).
 * :class:`Dynamic` - the paper's Algorithm 1, driven by the per-layer SGD update norms.
+* :class:`Plasticity` - moves when the transition layer's output on a fixed probe batch has
+  settled (Egeria); may decide every ``decide_every`` training steps.
+* :class:`GradNorm` - moves when the transition layer's gradient norm has stopped changing
+  (AutoFreeze); may decide every ``decide_every`` training steps.
 * :class:`PolicySchedule` - wraps a user callable ``policy(epoch, stats) -> int``.
 * :class:`PlainSGD` - always proposes 0 (the plain-SGD baseline).
 * :class:`Manual` - proposes the current ``t`` (the user moves it with ``set_transition``).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 __all__ = [
@@ -39,6 +43,8 @@ __all__ = [
     "Schedule",
     "Static",
     "Dynamic",
+    "Plasticity",
+    "GradNorm",
     "PolicySchedule",
     "PlainSGD",
     "Manual",
@@ -51,6 +57,14 @@ __all__ = [
     "DYNAMIC_DEFAULT_SHIFT",
     "DYNAMIC_DEFAULT_BETA",
     "DYNAMIC_DEFAULT_WARMUP_EPOCHS",
+    "SIGNAL_DEFAULT_SHIFT",
+    "SIGNAL_DEFAULT_WARMUP_EPOCHS",
+    "PLASTICITY_DEFAULT_THRESHOLD",
+    "PLASTICITY_DEFAULT_BETA",
+    "PLASTICITY_DEFAULT_PATIENCE",
+    "PLASTICITY_DEFAULT_PROBE_SIZE",
+    "GRADNORM_DEFAULT_THRESHOLD",
+    "GRADNORM_DEFAULT_PATIENCE",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +91,26 @@ DYNAMIC_DEFAULT_SHIFT: float = 0.1
 DYNAMIC_DEFAULT_BETA: float = 0.9
 #: Dynamic: no move while ``stats.epoch <= warmup_epochs`` (the history is still recorded).
 DYNAMIC_DEFAULT_WARMUP_EPOCHS: int = 1
+#: Plasticity and gradnorm: layers to move per decision (as Dynamic's SHIFT), and no move before
+#: this many epochs are complete (their signals are still recorded).
+SIGNAL_DEFAULT_SHIFT: float = 0.1
+SIGNAL_DEFAULT_WARMUP_EPOCHS: int = 1
+#: Plasticity: move when the probe output's change since the last check is below THRESHOLD times
+#: its running average (decay BETA per check) on PATIENCE checks in a row; PROBE_SIZE images.
+PLASTICITY_DEFAULT_THRESHOLD: float = 0.3
+PLASTICITY_DEFAULT_BETA: float = 0.9
+PLASTICITY_DEFAULT_PATIENCE: int = 1
+PLASTICITY_DEFAULT_PROBE_SIZE: int = 64
+#: GradNorm: move when the relative change of the mean gradient norm between checks stays below
+#: THRESHOLD on PATIENCE checks in a row.
+GRADNORM_DEFAULT_THRESHOLD: float = 0.1
+GRADNORM_DEFAULT_PATIENCE: int = 2
 
 #: The string shorthands accepted by :func:`make_schedule`.
 SCHEDULE_NAMES: tuple[str, ...] = (
     "dynamic",
+    "plasticity",
+    "gradnorm",
     "static",
     "quadratic",
     "linear",
@@ -103,8 +133,13 @@ class EpochStats:
         num_layers: ``N``, the number of conv/linear layers.
         max_local: the largest ``t`` allowed.
         update_norms: layer index -> ``delta_E = ||W_end(E) - W_start(E)||_2``, the norm of the
-            layer's net SGD update over the epoch, for every SGD layer (index >= transition).
+            layer's net SGD update over the epoch, for every SGD layer (index >= transition);
+            empty for a decision taken inside an epoch.
         flop_shares: per-layer share of the layer FLOPs (sums to 1), or ``None``.
+        signals: the signals named by the schedule's ``signals``, measured for the transition
+            layer since the previous decision (``None``: nothing to compare with yet):
+            ``"plasticity"`` - relative change of the layer's per-channel standardised output on
+            the fixed probe batch; ``"grad_norm"`` - mean norm of the layer's weight gradient.
     """
 
     epoch: int
@@ -113,6 +148,7 @@ class EpochStats:
     max_local: int
     update_norms: dict[int, float]
     flop_shares: list[float] | None = None
+    signals: dict[str, float | None] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +195,12 @@ class Schedule(ABC):
         >>> s.select(EpochStats(epoch=4, transition=0, num_layers=5, max_local=4, update_norms={}))
         2
     """
+
+    #: Device-side signals this schedule reads from ``EpochStats.signals`` (measured by the model
+    #: wrapper for the transition layer at each decision).
+    signals: tuple[str, ...] = ()
+    #: Decide every this many training steps instead of at epoch ends (``None``: epoch ends).
+    decide_every: int | None = None
 
     def __init__(self) -> None:
         self.num_layers: int | None = None
@@ -279,6 +321,11 @@ class Schedule(ABC):
     def log_stats(self) -> dict[str, float]:
         """Scalars describing the last decision, for logging (empty by default)."""
         return {}
+
+    def due(self) -> bool:
+        """Count one training step; whether a decision is due after it (never, for a schedule that
+        decides at epoch ends only)."""
+        return False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -566,6 +613,259 @@ class Dynamic(Schedule):
 
 
 # ---------------------------------------------------------------------------------------------
+# Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze)
+# ---------------------------------------------------------------------------------------------
+class _SignalSchedule(Schedule):
+    """Moves the boundary by ``shift`` when the transition layer's signal has settled on
+    ``patience`` checks in a row; subclasses say what "settled" means (:meth:`_settled`).
+
+    The history belongs to the current transition layer: after ``t`` moves, the new layer starts
+    afresh (its first check only sets a reference). Decisions come at epoch ends, or every
+    ``decide_every`` training steps (the model wrapper counts them with :meth:`due`).
+    """
+
+    signal: str = ""
+
+    def __init__(self, *, shift: int | float, warmup_epochs: int, patience: int, decide_every: int | None) -> None:
+        super().__init__()
+        if _is_int(shift):
+            _check_int("shift", shift, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
+            self.shift: int | float = int(shift)
+        else:
+            self.shift = _check_real(
+                "shift", shift, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
+                lambda v: 0.0 < v <= 1.0)
+        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
+        self.patience = _check_int("patience", patience, 1, " (checks in a row)")
+        self.decide_every = None if decide_every is None else _check_int(
+            "decide_every", decide_every, 1, " (training steps between decisions) or None (at epoch ends)")
+        self.shift_layers: int | None = None
+        self.steps_since_decision = 0
+        self.layer: int | None = None     # the transition layer the history below belongs to
+        self.checks = 0                   # signal values seen for that layer
+        self.settled_checks = 0           # of them, how many in a row were settled
+        self._last: dict[str, float] = {}
+
+    def _resolve(self) -> None:
+        assert self.num_layers is not None
+        if isinstance(self.shift, int):
+            self.shift_layers = self.shift
+        else:
+            self.shift_layers = max(1, math.floor(self.shift * self.num_layers))
+
+    def due(self) -> bool:
+        if self.decide_every is None:
+            return False
+        self.steps_since_decision += 1
+        if self.steps_since_decision < self.decide_every:
+            return False
+        self.steps_since_decision = 0
+        return True
+
+    def propose(self, stats: EpochStats) -> int:
+        if not self.bound:
+            self.bind(stats.num_layers, stats.max_local)
+        t = int(stats.transition)
+        if t >= stats.max_local:
+            return t      # nothing left to move
+        value = stats.signals.get(self.signal)
+        if value is not None and (not _is_real(value) or not math.isfinite(value) or value < 0):
+            raise ValueError(f"signal {self.signal!r} of layer {t} at epoch {stats.epoch} must be a finite float "
+                             f">= 0 or None, got {value!r}")
+        if self.layer != t:
+            self.layer, self.checks, self.settled_checks, self._last = t, 0, 0, {}
+            self._restart()
+        if value is None:
+            return t
+        self.checks += 1
+        settled = self._settled(float(value))
+        self.settled_checks = self.settled_checks + 1 if settled else 0
+        move = stats.epoch >= self.warmup_epochs and self.settled_checks >= self.patience
+        self._last.update(value=float(value), settled=float(settled), moved=float(move))
+        assert self.shift_layers is not None
+        return t + self.shift_layers if move else t
+
+    def _restart(self) -> None:
+        """Forget the signal history (a new transition layer)."""
+
+    def _settled(self, value: float) -> bool:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(shift=self.shift, warmup_epochs=self.warmup_epochs, patience=self.patience,
+                     decide_every=self.decide_every, shift_layers=self.shift_layers,
+                     steps_since_decision=self.steps_since_decision, layer=self.layer, checks=self.checks,
+                     settled_checks=self.settled_checks, last=dict(self._last))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.shift, self.warmup_epochs, self.patience = state["shift"], state["warmup_epochs"], state["patience"]
+        self.decide_every, self.shift_layers = state["decide_every"], state["shift_layers"]
+        self.steps_since_decision, self.layer = state["steps_since_decision"], state["layer"]
+        self.checks, self.settled_checks = state["checks"], state["settled_checks"]
+        self._last = dict(state.get("last", {}))
+
+    def log_stats(self) -> dict[str, float]:
+        return dict(self._last)
+
+
+class Plasticity(_SignalSchedule):
+    """Representation plasticity (Egeria, EuroSys'23): move when the transition layer's output has settled.
+
+    At each check the model wrapper runs an eval-mode forward of a fixed probe batch up to the
+    transition layer, standardises the layer's output per channel (what a following BatchNorm sees)
+    and reports its relative change since the previous check, ``c``. Then:
+
+    1. ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``);
+    2. the check is *settled* if ``c < threshold * W̄``, or ``c = 0``;
+    3. after ``patience`` settled checks in a row, and once ``warmup_epochs`` epochs are complete,
+       propose ``t + shift``; else ``t``.
+
+    Layers settle bottom-up (SVCCA), so a layer whose representation has stopped moving against its
+    own history is a safe one to make local.
+
+    Args:
+        threshold: ratio to the running average, in ``(0, 1)``.
+        beta: decay of the running average per check, in ``[0, 1)``.
+        shift: layers per move: an int ``>= 1``, or a float in ``(0, 1]`` (fraction of the layers).
+        warmup_epochs: no move before this many epochs are complete (checks are still recorded).
+        patience: settled checks in a row needed to move, ``>= 1``.
+        decide_every: check every this many training steps; ``None`` checks at epoch ends.
+        probe_size: images in the probe batch (the first ones of the first training batch, or
+            those given to ``LocalSGDModule.set_probe``).
+
+    Example::
+
+        >>> s = Plasticity(threshold=0.5, beta=0.5, shift=1, warmup_epochs=0)
+        >>> sig = lambda c: EpochStats(1, 0, 4, 3, {}, signals={"plasticity": c})
+        >>> [s.select(sig(c)) for c in (None, 1.0, 0.8, 0.2)]   # 0.2 < 0.5 * (0.5*0.9 + 0.5*0.2)
+        [0, 0, 0, 1]
+    """
+
+    signal = "plasticity"
+    signals = (signal,)
+
+    def __init__(
+        self,
+        *,
+        threshold: float = PLASTICITY_DEFAULT_THRESHOLD,
+        beta: float = PLASTICITY_DEFAULT_BETA,
+        shift: int | float = SIGNAL_DEFAULT_SHIFT,
+        warmup_epochs: int = SIGNAL_DEFAULT_WARMUP_EPOCHS,
+        patience: int = PLASTICITY_DEFAULT_PATIENCE,
+        decide_every: int | None = None,
+        probe_size: int = PLASTICITY_DEFAULT_PROBE_SIZE,
+    ) -> None:
+        super().__init__(shift=shift, warmup_epochs=warmup_epochs, patience=patience, decide_every=decide_every)
+        self.threshold = _check_real("threshold", threshold, "(0, 1)", lambda v: 0.0 < v < 1.0)
+        self.beta = _check_real("beta", beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
+        self.probe_size = _check_int("probe_size", probe_size, 1, " (images)")
+        self.running_avg: float | None = None
+
+    def _restart(self) -> None:
+        self.running_avg = None
+
+    def _settled(self, value: float) -> bool:
+        prev = self.running_avg
+        self.running_avg = value if prev is None else self.beta * prev + (1.0 - self.beta) * value
+        self._last.update(running_avg=self.running_avg, threshold=self.threshold * self.running_avg)
+        # an output that did not change at all has settled (else W̄ = c = 0 would hold t for good)
+        return value < self.threshold * self.running_avg or value == 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(threshold=self.threshold, beta=self.beta, probe_size=self.probe_size,
+                     running_avg=self.running_avg)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold, self.beta, self.probe_size = state["threshold"], state["beta"], state["probe_size"]
+        self.running_avg = state["running_avg"]
+
+    def log_stats(self) -> dict[str, float]:
+        """``{"value" (c), "running_avg", "threshold", "settled", "moved"}`` of the last check."""
+        return dict(self._last)
+
+    def __repr__(self) -> str:
+        return (f"Plasticity(threshold={self.threshold!r}, beta={self.beta!r}, shift={self.shift!r}, "
+                f"warmup_epochs={self.warmup_epochs!r}, patience={self.patience!r}, "
+                f"decide_every={self.decide_every!r}, probe_size={self.probe_size!r})")
+
+
+class GradNorm(_SignalSchedule):
+    """Gradient-norm change rate (AutoFreeze): move when the transition layer's gradient norm has
+    stopped changing.
+
+    The model wrapper accumulates ``||dL/dW_t||`` on the device after every backward and reports its
+    mean over the steps since the previous check, ``G``. With ``G'`` the previous check's mean, the
+    check is *settled* if ``|G - G'| / G' < threshold``; after ``patience`` settled checks in a row,
+    and once ``warmup_epochs`` epochs are complete, propose ``t + shift``; else ``t``.
+
+    Args:
+        threshold: largest relative change that counts as settled, ``> 0``.
+        shift, warmup_epochs, patience, decide_every: as :class:`Plasticity`.
+
+    With fp16 loss scaling the norms carry the loss scale, so a change of scale reads as a change
+    of the norm (it can only delay a move).
+
+    Example::
+
+        >>> s = GradNorm(threshold=0.1, patience=2, shift=1, warmup_epochs=0)
+        >>> sig = lambda g: EpochStats(1, 0, 4, 3, {}, signals={"grad_norm": g})
+        >>> [s.select(sig(g)) for g in (2.0, 1.0, 0.95, 0.9)]   # rates 0.5, 0.05, 0.053
+        [0, 0, 0, 1]
+    """
+
+    signal = "grad_norm"
+    signals = (signal,)
+
+    def __init__(
+        self,
+        *,
+        threshold: float = GRADNORM_DEFAULT_THRESHOLD,
+        shift: int | float = SIGNAL_DEFAULT_SHIFT,
+        warmup_epochs: int = SIGNAL_DEFAULT_WARMUP_EPOCHS,
+        patience: int = GRADNORM_DEFAULT_PATIENCE,
+        decide_every: int | None = None,
+    ) -> None:
+        super().__init__(shift=shift, warmup_epochs=warmup_epochs, patience=patience, decide_every=decide_every)
+        self.threshold = _check_real("threshold", threshold, "(0, inf)", lambda v: v > 0.0)
+        self.previous: float | None = None
+
+    def _restart(self) -> None:
+        self.previous = None
+
+    def _settled(self, value: float) -> bool:
+        prev, self.previous = self.previous, value
+        if prev is None:
+            return False
+        # a layer whose gradient was and stays zero has settled; one that wakes up from zero has not
+        rate = abs(value - prev) / prev if prev > 0 else (0.0 if value == 0 else math.inf)
+        self._last.update(rate=rate)
+        return rate < self.threshold
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(threshold=self.threshold, previous=self.previous)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.threshold, self.previous = state["threshold"], state["previous"]
+
+    def log_stats(self) -> dict[str, float]:
+        """``{"value" (G), "rate", "settled", "moved"}`` of the last check."""
+        return dict(self._last)
+
+    def __repr__(self) -> str:
+        return (f"GradNorm(threshold={self.threshold!r}, shift={self.shift!r}, warmup_epochs={self.warmup_epochs!r}, "
+                f"patience={self.patience!r}, decide_every={self.decide_every!r})")
+
+
+# ---------------------------------------------------------------------------------------------
 # Custom, baseline and manual
 # ---------------------------------------------------------------------------------------------
 class PolicySchedule(Schedule):
@@ -643,6 +943,8 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
 
     * ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)``
       (``DYNAMIC_DEFAULT_*``).
+    * ``"plasticity"`` -> :class:`Plasticity`, ``"gradnorm"`` -> :class:`GradNorm`
+      (``PLASTICITY_DEFAULT_*``, ``GRADNORM_DEFAULT_*``, ``SIGNAL_DEFAULT_*``).
     * ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"`` ->
       ``Static(kind, c1=0.75, c2=0.25, k=4.0)`` (``STATIC_DEFAULT_*``): at most 75 % of the
       layers (capped at ``max_local``) become local, starting after 25 % of the epochs.
@@ -691,6 +993,8 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
             raise ValueError(f"schedule {spec!r} takes no options, got {sorted(kwargs)}")
         if name == "dynamic":
             return Dynamic(**kwargs)
+        if name in _SIGNAL_SCHEDULES:
+            return _SIGNAL_SCHEDULES[name](**kwargs)
         if name in _STATIC_KINDS or name == "static":
             return Static("quadratic" if name == "static" else name, **kwargs)
         return Manual() if name == "manual" else PlainSGD()
@@ -702,3 +1006,6 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
         f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
         f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})"
     )
+
+
+_SIGNAL_SCHEDULES: dict[str, type[_SignalSchedule]] = {"plasticity": Plasticity, "gradnorm": GradNorm}

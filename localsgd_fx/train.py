@@ -52,6 +52,7 @@ from .api import DEFAULT_LOCAL_LR, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, comp
 from .atomic import atomic_write_text
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
+from .cost import speed_bound
 from .data import Batches, ImageDataset, load_dataset
 from .lock import RunLock
 from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
@@ -95,9 +96,11 @@ class TrainConfig:
 
     ``schedule="sgd"`` is plain SGD (the rule is then irrelevant); ``rule="freeze"`` is the
     freeze baseline (FreezeOut/AutoFreeze) driven by the chosen schedule. ``alpha``/``shift``
-    tune the dynamic schedule, ``c1``/``c2`` the static ones (``None``: the schedule's defaults,
-    :mod:`localsgd_fx.schedules`); an int ``shift``/``c1`` counts layers, a float in (0, 1) is a
-    fraction of the layers; an int ``c2`` is an epoch, a float a fraction of the epochs.
+    tune the dynamic schedule, ``c1``/``c2`` the static ones, ``threshold``/``shift``/``patience``/
+    ``decide_every`` (and ``probe_size``) the plasticity and gradnorm ones (``None``: the schedule's
+    defaults, :mod:`localsgd_fx.schedules`); an int ``shift``/``c1`` counts layers, a float in (0, 1)
+    is a fraction of the layers; an int ``c2`` is an epoch, a float a fraction of the epochs; an int
+    ``decide_every`` counts training steps, a float in (0, 1] is a fraction of an epoch's steps.
     """
 
     # data and model
@@ -121,6 +124,10 @@ class TrainConfig:
     shift: int | float | None = None
     c1: int | float | None = None
     c2: int | float | None = None
+    threshold: float | None = None
+    patience: int | None = None
+    decide_every: int | float | None = None
+    probe_size: int | None = None
     local_lr: float = DEFAULT_LOCAL_LR
     weak_supervision: str = "sign"
     sample_fraction: float = DEFAULT_SAMPLE_FRACTION
@@ -185,15 +192,35 @@ def _pos_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def schedule_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The options of ``config.schedule`` that are set; options of another schedule are an error."""
-    own = {"dynamic": ("alpha", "shift")}.get(config.schedule, ("c1", "c2")
-                                              if config.schedule in ("static", "quadratic", "linear", "exponential") else ())
-    given = {k: getattr(config, k) for k in ("alpha", "shift", "c1", "c2") if getattr(config, k) is not None}
+#: schedule -> the TrainConfig fields that are its options
+SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "dynamic": ("alpha", "shift"),
+    "plasticity": ("threshold", "shift", "patience", "decide_every", "probe_size"),
+    "gradnorm": ("threshold", "shift", "patience", "decide_every"),
+    **{kind: ("c1", "c2") for kind in ("static", "quadratic", "linear", "exponential")},
+}
+
+
+def schedule_kwargs(config: TrainConfig, steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """The options of ``config.schedule`` that are set; options of another schedule are an error.
+
+    A fractional ``decide_every`` becomes that share of ``steps_per_epoch`` (at least 1 step).
+    """
+    own = SCHEDULE_OPTIONS.get(config.schedule, ())
+    every_option = {name for names in SCHEDULE_OPTIONS.values() for name in names}
+    given = {k: getattr(config, k) for k in sorted(every_option) if getattr(config, k) is not None}
     stray = sorted(set(given) - set(own))
     if stray:
-        users = "dynamic" if stray[0] in ("alpha", "shift") else "static/quadratic/linear/exponential"
-        raise ConfigError(f"--{stray[0]} is an option of the {users} schedule, not of schedule {config.schedule!r}")
+        users = "/".join(name for name, names in SCHEDULE_OPTIONS.items() if stray[0] in names)
+        raise ConfigError(f"--{stray[0].replace('_', '-')} is an option of the {users} schedule, not of schedule "
+                          f"{config.schedule!r}")
+    every = given.get("decide_every")
+    if isinstance(every, float):
+        if not 0.0 < every <= 1.0:
+            raise ConfigError(f"--decide-every must be an int >= 1 (training steps) or a float in (0, 1] (a fraction "
+                              f"of an epoch), got {every!r}")
+        if steps_per_epoch is not None:
+            given["decide_every"] = max(1, round(every * steps_per_epoch))
     return given
 
 
@@ -331,8 +358,15 @@ class Trainer:
         np.random.seed(config.seed)
         net = models_zoo.get_model(config.model, self.train_set.num_classes, self.train_set.image_shape[0])
         net.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+        augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
+        n, shards = self.world_size, dict(shard=self.rank, num_shards=self.world_size)
+        # a last global batch smaller than the process count would leave a process without data: drop it
+        tiny_tail = 0 < len(self.train_set) % (config.batch_size * n) < n
+        self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
+                               device=self.device, drop_last=tiny_tail, **shards)
+        schedule = make_schedule(config.schedule, **schedule_kwargs(config, len(self.batches)))
         self.model = compile_localsgd(
-            net, rule=config.rule, schedule=make_schedule(config.schedule, **schedule_kwargs(config)),
+            net, rule=config.rule, schedule=schedule,
             local_lr=config.local_lr, weak_supervision=config.weak_supervision, max_local=config.max_local,
             compile=config.compile, total_epochs=config.epochs, sample_fraction=config.sample_fraction)
         amp_dtype = AMP_DTYPES[config.amp]
@@ -342,12 +376,6 @@ class Trainer:
         self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
         self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        augment = config.augment if config.augment is not None else self.train_set.name.startswith("cifar")
-        n, shards = self.world_size, dict(shard=self.rank, num_shards=self.world_size)
-        # a last global batch smaller than the process count would leave a process without data: drop it
-        tiny_tail = 0 < len(self.train_set) % (config.batch_size * n) < n
-        self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
-                               device=self.device, drop_last=tiny_tail, **shards)
         self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
                                     **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
@@ -375,7 +403,9 @@ class Trainer:
         step_model = self.data_parallel if self.data_parallel is not None else lm
         restore_rng(self.rng)
         lm.train()
-        t = lm.transition
+        t = t_now = lm.transition
+        segments: list[tuple[int, int]] = []     # (t, steps) of each stretch of the epoch at one transition
+        segment_start = 0
         compile_before, decisions_before, hits_before = lm.compile_seconds, len(lm.compile_decisions), compile_cache_hits()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -391,9 +421,10 @@ class Trainer:
         channels_last = torch.channels_last if cfg.channels_last else torch.preserve_format
         start = time.perf_counter()
         # the step: nothing in it waits for the device (no .item(), no sync); values are read once per epoch
+        # (and once per decision by a schedule that decides every K steps)
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
             x = x.contiguous(memory_format=channels_last)
-            measure = i == meter_step and not lm.is_compiled(t)   # hooks do not see inside compiled graphs
+            measure = i == meter_step and not lm.is_compiled(t_now)   # hooks do not see inside compiled graphs
             with meter if measure else contextlib.nullcontext(), self.autocast():
                 out = step_model(x)
                 loss = F.cross_entropy(out, y)
@@ -407,6 +438,9 @@ class Trainer:
                 self.scaler.update()
             self.lr_scheduler.step()
             step_model.observe_loss(loss.detach())
+            if step_model.maybe_decide() != t_now:      # a schedule deciding every K steps moved the boundary
+                segments.append((t_now, i + 1 - segment_start))
+                t_now, segment_start = lm.transition, i + 1
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -415,10 +449,11 @@ class Trainer:
             if not bar.disable and (i % 10 == 0 or i == steps - 1):
                 shown = progress.push(loss_sum, correct, seen)
                 if shown is not None:
-                    bar.set_postfix({"t": t, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
+                    bar.set_postfix({"t": t_now, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
             bar.update()
-        p, bound = lm.local_fraction, lm.speed_bound    # of the transition used this epoch
-        compiled = lm.is_compiled(t)
+        segments.append((t_now, steps - segment_start))
+        p, bound = _epoch_figures(lm, [seg for seg in segments if seg[1]])        # of the transitions used this epoch
+        compiled = lm.is_compiled(t_now)
         t_next = step_model.end_epoch()
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -592,6 +627,19 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] | None = None,
         >>> res = fit(TrainConfig(model="smallcnn", epochs=1, train_subset=256, out=None))  # doctest: +SKIP
     """
     return Trainer(config, callbacks=callbacks, log=log).fit()
+
+
+def _epoch_figures(lm: LocalSGDModule, segments: list[tuple[int, int]]) -> tuple[float | None, float | None]:
+    """``(p, speed bound)`` of an epoch that ran ``segments`` = [(t, steps), ...]: ``p`` averaged over the
+    steps, the bound as total steps over the sum of each step's bounded cost."""
+    if len(segments) == 1:
+        return lm.local_fraction, lm.speed_bound
+    fractions = [(lm.layer_order.local_fraction(t), n) for t, n in segments]
+    if any(f is None for f, _ in fractions):
+        return None, None
+    steps = sum(n for _, n in fractions)
+    cost = sum(n / speed_bound(f, lm.rule.gemms, lm.sample_fraction) for f, n in fractions)
+    return sum(f * n for f, n in fractions) / steps, steps / cost
 
 
 def _call(obj: Any, name: str, *args: Any) -> None:

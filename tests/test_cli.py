@@ -251,3 +251,15 @@ def test_python_dash_m(data_dir, tmp_path):
                            "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "final test accuracy" in done.stdout and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_signal_schedule_flags_reach_the_config():
+    from localsgd_fx.cli import build_parser
+    from localsgd_fx.train import TrainConfig, schedule_kwargs
+
+    args = build_parser().parse_args(["train", "--schedule", "plasticity", "--threshold", "0.2", "--patience", "2",
+                                      "--decide-every", "0.25", "--probe-size", "32", "--shift", "1"])
+    config = TrainConfig.from_dict({k: v for k, v in vars(args).items() if k != "command"})
+    assert schedule_kwargs(config.validate(), steps_per_epoch=79) == {
+        "threshold": 0.2, "patience": 2, "decide_every": 20, "probe_size": 32, "shift": 1}
+    assert main(["train", "--schedule", "dynamic", "--decide-every", "5"]) == 2

@@ -29,6 +29,7 @@ from localsgd_fx import DEFAULT_LOCAL_LR, compile_localsgd
 from localsgd_fx.data import Batches, ImageDataset
 from localsgd_fx.distributed import LocalSGDDataParallel, communication_per_step, sgd_parameters
 from localsgd_fx.metrics import TIME_COLUMNS
+from localsgd_fx.schedules import GradNorm, Plasticity
 from localsgd_fx.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from localsgd_fx.train import TrainConfig, Trainer, fit
 
@@ -147,11 +148,34 @@ def _api_part(rank: int) -> dict:
             ldist.dist.all_reduce = real
         results[(rule, norm)] = {"state": state(lm), "rewraps": wrapper.rewraps, "bytes": per_step,
                                  "diff": wrapper.replica_max_abs_diff()}
+    results["signals"] = _signals_part(shard)
     with torch.no_grad():       # the check can fail: rank 1 drifts by 0.25 in one weight
         if rank == 1:
             lm.model.head.weight[0, 0] += 0.25
     results["perturbed"] = ldist.replica_max_abs_diff(lm)
     return results
+
+
+def _signals_part(shard: slice) -> dict:
+    """Both signal schedules deciding every 2 steps: each rank measures its own shard."""
+    out = {}
+    for schedule in (Plasticity(decide_every=1, warmup_epochs=0, threshold=0.99, beta=0.5, shift=1, probe_size=8),
+                     GradNorm(decide_every=2, warmup_epochs=0, threshold=10.0, patience=1, shift=1)):
+        torch.manual_seed(0)
+        lm = compile_localsgd(PlainCNN(True), schedule=schedule, compile=False, sample_fraction=1.0)
+        opt = torch.optim.SGD(lm.parameters(), lr=0.05, momentum=0.9)
+        wrapper = LocalSGDDataParallel(lm)
+        for x, y in batches():
+            loss = F.cross_entropy(wrapper(x[shard]), y[shard])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            wrapper.observe_loss(loss.detach())
+            wrapper.maybe_decide()
+        wrapper.end_epoch()
+        out[type(schedule).__name__] = {"history": lm.history, "state": state(lm), "diff": wrapper.replica_max_abs_diff(),
+                                        "probe": lm.signals.probe}
+    return out
 
 
 def test_two_processes_stay_identical_and_match_one_process(two_processes):
@@ -178,6 +202,19 @@ def test_two_processes_stay_identical_and_match_one_process(two_processes):
     assert ranks[0]["perturbed"] == ranks[1]["perturbed"] == pytest.approx(0.25)
 
 
+def test_signal_schedules_decide_alike_on_every_rank(two_processes):
+    """Each rank measures its own shard (its gradients; the probe is rank 0's): the values are averaged,
+    so every rank takes the same decisions and the replicas stay identical."""
+    ranks = [r["api"]["signals"] for r in two_processes[1]]
+    for name in ("Plasticity", "GradNorm"):
+        a, b = ranks[0][name], ranks[1][name]
+        assert a["history"] == b["history"] and a["diff"] == b["diff"] == 0.0
+        assert sum("value" in h for h in a["history"]) >= 3, f"{name}: too few signal values to compare"
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    assert any(h["transition"] > h["transition_before"] for h in ranks[0]["GradNorm"]["history"])
+    assert torch.equal(ranks[0]["Plasticity"]["probe"][0], ranks[1]["Plasticity"]["probe"][0])
+
+
 # ---------------------------------------------------------------------- the trainer, resumed
 def _config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
     """Odd sizes on purpose: 193 = 3 x 64 + 1 leaves a last global batch of one image (dropped: a process
@@ -188,11 +225,19 @@ def _config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+#: a signal schedule that decides inside epochs (every 2 of an epoch's 3 steps) and moves whenever it may
+SIGNAL_RUN = dict(schedule="gradnorm", c1=None, c2=None, threshold=10.0, patience=1, shift=1, decide_every=2)
+
+
 def _trainer_part(out: Path, data_dir: str) -> dict:
-    whole = fit(_config(data_dir, out / "whole"), log=None)
-    fit(_config(data_dir, out / "split", stop_after=1), log=None)
-    resumed = fit(_config(data_dir, out / "split", resume=True), log=None)
-    return {"whole": (whole.metrics, state(whole.model)), "resumed": (resumed.metrics, state(resumed.model))}
+    runs = {}
+    for name, kw in (("", {}), ("signals_", SIGNAL_RUN)):
+        whole = fit(_config(data_dir, out / f"{name}whole", **kw), log=None)
+        fit(_config(data_dir, out / f"{name}split", stop_after=1, **kw), log=None)
+        resumed = fit(_config(data_dir, out / f"{name}split", resume=True, **kw), log=None)
+        runs.update({f"{name}whole": (whole.metrics, state(whole.model), whole.model.history),
+                     f"{name}resumed": (resumed.metrics, state(resumed.model), resumed.model.history)})
+    return runs
 
 
 def without_times(records):
@@ -201,7 +246,7 @@ def without_times(records):
 
 def test_resume_under_two_processes_equals_an_uninterrupted_run(two_processes, data_dir):
     out, ranks = two_processes[0], [r["trainer"] for r in two_processes[1]]
-    metrics, weights = ranks[0]["whole"]
+    metrics, weights, _ = ranks[0]["whole"]
     assert [r["world_size"] for r in metrics] == [WORLD] * 3
     assert [r["replica_max_abs_diff"] for r in metrics] == [0.0] * 3
     assert [r["t"] for r in metrics] == [0, 1, 2]                          # t moved across the resume point
@@ -212,6 +257,17 @@ def test_resume_under_two_processes_equals_an_uninterrupted_run(two_processes, d
                 assert torch.equal(rank[run][1][name], value), f"{run}: {name}"
     lines = (out / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    # a signal schedule deciding every 2 steps (epochs of 3), stopped after epoch 1: a partial gradient sum in the
+    # checkpoint, each rank's averaged at the epoch end
+    signal_metrics, signal_weights, history = ranks[0]["signals_whole"]
+    assert [(r["t"], r["t_next"]) for r in signal_metrics] == [(0, 0), (0, 1), (1, 2)]
+    assert [h["step"] for h in history if h["transition"] > h["transition_before"]] == [1, 2]   # inside epochs
+    for rank in ranks:
+        for run in ("signals_whole", "signals_resumed"):
+            assert without_times(rank[run][0]) == without_times(signal_metrics)
+            assert rank[run][2] == history                           # every decision's signal value
+            for name, value in signal_weights.items():
+                assert torch.equal(rank[run][1][name], value), f"{run}: {name}"
     one = Trainer(_config(data_dir, None), log=None)          # the sharded test = one process's test
     one.model.load_state_dict(load_checkpoint(out / "split" / CHECKPOINT_NAME)["model"])
     test_loss, test_acc, _ = one.evaluate()

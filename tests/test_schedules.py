@@ -12,10 +12,19 @@ from hypothesis import strategies as st
 from localsgd_fx.schedules import (
     DYNAMIC_DEFAULT_ALPHA,
     DYNAMIC_DEFAULT_SHIFT,
+    GRADNORM_DEFAULT_THRESHOLD,
+    PLASTICITY_DEFAULT_BETA,
+    PLASTICITY_DEFAULT_PATIENCE,
+    PLASTICITY_DEFAULT_PROBE_SIZE,
+    PLASTICITY_DEFAULT_THRESHOLD,
     SCHEDULE_NAMES,
+    SIGNAL_DEFAULT_SHIFT,
+    SIGNAL_DEFAULT_WARMUP_EPOCHS,
     Dynamic,
     EpochStats,
+    GradNorm,
     Manual,
+    Plasticity,
     PlainSGD,
     PolicySchedule,
     Schedule,
@@ -492,3 +501,141 @@ def test_make_schedule_other_specs():
 def test_schedule_is_abstract():
     with pytest.raises(TypeError):
         Schedule()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signal schedules: Plasticity and GradNorm
+# ---------------------------------------------------------------------------------------------
+def check(schedule, value, t=0, epoch=2, n=10, max_local=None, signal=None):
+    """One decision of a signal schedule fed ``value`` for its signal."""
+    max_local = n - 1 if max_local is None else max_local
+    name = signal or schedule.signal
+    return schedule.select(EpochStats(epoch, t, n, max_local, {}, signals={name: value}))
+
+
+def test_plasticity_scripted_sequence():
+    s = Plasticity(threshold=0.5, beta=0.5, shift=2, warmup_epochs=0, patience=1)
+    # W̄: 1.0, 0.9, 0.55 (line 1 first); 0.8 < 0.45? no; 0.2 < 0.275? yes -> t + 2
+    assert [check(s, c) for c in (None, 1.0, 0.8)] == [0, 0, 0]
+    assert s.running_avg == pytest.approx(0.9) and s.log_stats()["settled"] == 0.0
+    assert check(s, 0.2) == 2
+    assert s.log_stats() == {"value": 0.2, "running_avg": pytest.approx(0.55),
+                             "threshold": pytest.approx(0.275), "settled": 1.0, "moved": 1.0}
+    # the new transition layer starts afresh: no history, so its first values cannot move it
+    assert check(s, None, t=2) == 2 and s.layer == 2 and s.running_avg is None and s.log_stats() == {}
+    assert check(s, 0.01, t=2) == 2 and s.running_avg == 0.01
+
+
+def test_plasticity_unchanged_output_has_settled():
+    s = Plasticity(threshold=0.5, shift=1, warmup_epochs=0, patience=2)
+    assert [check(s, c) for c in (0.0, 0.0)] == [0, 1]        # W̄ = c = 0: no change at all is settled
+
+
+def test_plasticity_patience_and_warmup():
+    s = Plasticity(threshold=0.5, beta=0.5, shift=1, warmup_epochs=3, patience=2)
+    values = (1.0, 0.1, 1.0, 0.1, 0.05, 0.02)
+    epochs = (1, 1, 2, 2, 2, 3)
+    # W̄ 1.0, 0.55, 0.775, 0.4375, 0.24375, 0.131875 -> settled: no, yes, no (the streak resets), yes,
+    # yes (2 in a row, but only 2 < warmup 3 epochs are complete), yes -> moves at epoch 3
+    assert [check(s, c, epoch=e) for c, e in zip(values, epochs)] == [0, 0, 0, 0, 0, 1]
+    assert s.settled_checks == 3 and s.checks == 6
+
+
+def test_gradnorm_scripted_sequence():
+    s = GradNorm(threshold=0.1, patience=2, shift=1, warmup_epochs=0)
+    # rates: -, 0.5, 0.05, 0.2 (streak broken), 0.0417, 0.04 -> move on the second settled check in a row
+    values = (2.0, 1.0, 0.95, 1.14, 1.0925, 1.0488)
+    assert [check(s, g) for g in values] == [0, 0, 0, 0, 0, 1]
+    assert s.log_stats()["rate"] == pytest.approx(abs(1.0488 - 1.0925) / 1.0925)
+    assert s.log_stats()["moved"] == 1.0
+    # after the move the new layer needs two values before a rate exists
+    assert check(s, 1.0, t=1) == 1 and s.previous == 1.0 and "rate" not in s.log_stats()
+
+
+def test_gradnorm_zero_norms_and_missing_values():
+    s = GradNorm(threshold=0.1, patience=1, shift=1, warmup_epochs=0)
+    assert check(s, 0.0) == 0                   # first value: a reference only
+    assert check(s, None) == 0 and s.checks == 1  # no steps since the last check: no value, nothing changes
+    assert check(s, 0.0) == 1                   # was zero, stays zero: settled
+    s = GradNorm(threshold=0.1, patience=1, shift=1, warmup_epochs=0)
+    assert [check(s, g) for g in (0.0, 1.0)] == [0, 0] and s.log_stats()["rate"] == math.inf
+
+
+def test_signal_schedules_stop_at_max_local_and_clip():
+    s = Plasticity(threshold=0.9, beta=0.9, shift=5, warmup_epochs=0)
+    assert [check(s, c, n=6, max_local=3) for c in (1.0, 0.1)] == [0, 3]       # 0 + 5 clipped to max_local
+    assert check(s, 0.0, t=3, n=6, max_local=3) == 3 and s.layer == 0          # at max_local: not even recorded
+
+
+def test_signal_schedules_count_steps_between_decisions():
+    s = GradNorm(decide_every=3)
+    assert [s.due() for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert s.steps_since_decision == 1
+    assert [Plasticity().due() for _ in range(3)] == [False] * 3            # no decide_every: epoch ends only
+    assert Dynamic().decide_every is None and not Dynamic().due()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Plasticity(threshold=1.0), r"threshold must be a float in \(0, 1\)"),
+    (lambda: Plasticity(beta=1.0), r"beta must be a float in \[0, 1\)"),
+    (lambda: Plasticity(probe_size=0), "probe_size must be an int >= 1"),
+    (lambda: GradNorm(threshold=0.0), r"threshold must be a float in \(0, inf\)"),
+    (lambda: GradNorm(patience=0), "patience must be an int >= 1"),
+    (lambda: GradNorm(decide_every=0), "decide_every must be an int >= 1"),
+    (lambda: GradNorm(decide_every=0.5), "decide_every must be an int >= 1"),
+    (lambda: Plasticity(shift=0), "shift must be an int >= 1"),
+    (lambda: GradNorm(warmup_epochs=-1), "warmup_epochs must be an int >= 0"),
+])
+def test_signal_schedule_invalid_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_signal_schedule_rejects_bad_values_without_touching_history():
+    s = Plasticity(threshold=0.5, warmup_epochs=0)
+    check(s, 1.0)
+    before = s.state_dict()
+    for bad in (float("nan"), -0.1, "0.3"):
+        with pytest.raises(ValueError, match="signal 'plasticity' of layer 0"):
+            check(s, bad)
+    assert s.state_dict() == before
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: Plasticity(threshold=0.6, beta=0.5, shift=1, warmup_epochs=1, patience=2, decide_every=4),
+    lambda: GradNorm(threshold=0.15, shift=1, warmup_epochs=0, patience=2, decide_every=3),
+])
+def test_signal_schedule_state_round_trip(factory):
+    n, max_local = 12, 11
+    values = [1.0, 1.0, 0.1, 0.1, 0.1] * 12      # spells of change and of rest: both schedules move repeatedly
+    a = factory()
+    a.bind(n, max_local)
+    t = 0
+    for k in range(25):
+        a.due()
+        t = a.select(EpochStats(1 + k // 5, t, n, max_local, {}, signals={a.signal: values[k]}))
+    state = json.loads(json.dumps(a.state_dict()))   # plain data
+    b = type(a)(shift=7, patience=9)                  # other arguments: the state wins
+    b.load_state_dict(state)
+    ta = tb = t
+    for k in range(25, 60):
+        assert a.due() == b.due()
+        ta = a.select(EpochStats(1 + k // 5, ta, n, max_local, {}, signals={a.signal: values[k]}))
+        tb = b.select(EpochStats(1 + k // 5, tb, n, max_local, {}, signals={b.signal: values[k]}))
+        assert ta == tb and a.log_stats() == b.log_stats()
+    assert json.loads(json.dumps(b.state_dict())) == json.loads(json.dumps(a.state_dict()))
+    assert 0 < t < ta          # it moved before and after the round trip
+
+
+def test_make_schedule_signal_shorthands():
+    p = make_schedule("plasticity", threshold=0.2, decide_every=10)
+    g = make_schedule(" GradNorm ", patience=3)
+    assert type(p) is Plasticity and (p.threshold, p.decide_every, p.signals) == (0.2, 10, ("plasticity",))
+    assert type(g) is GradNorm and (g.patience, g.decide_every, g.signals) == (3, None, ("grad_norm",))
+    assert (p.beta, p.patience, p.probe_size, p.shift, p.warmup_epochs) == (
+        PLASTICITY_DEFAULT_BETA, PLASTICITY_DEFAULT_PATIENCE, PLASTICITY_DEFAULT_PROBE_SIZE, SIGNAL_DEFAULT_SHIFT,
+        SIGNAL_DEFAULT_WARMUP_EPOCHS)
+    assert g.threshold == GRADNORM_DEFAULT_THRESHOLD and Plasticity().threshold == PLASTICITY_DEFAULT_THRESHOLD
+    assert {"plasticity", "gradnorm"} <= set(SCHEDULE_NAMES) and SCHEDULE_NAMES[0] == "dynamic"
+    with pytest.raises(TypeError, match="alpha"):
+        make_schedule("gradnorm", alpha=0.3)

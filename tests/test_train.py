@@ -31,6 +31,7 @@ from localsgd_fx.data import DatasetError
 from localsgd_fx.lock import LOCK_NAME, RunFolderBusy
 from localsgd_fx.metrics import COLUMNS, TIME_COLUMNS
 from localsgd_fx.train import STEP_GAMMA, STEP_MILESTONES, Callback, ConfigError, Trainer, TrainConfig, fit
+from localsgd_fx.cost import speed_bound
 
 pytestmark = pytest.mark.single_thread
 
@@ -68,8 +69,11 @@ class DrawRandomNumbers(Callback):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant, stop", [(dict(), 3),     # t = 0, 0, 1, 2
                                            (dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja",
-                                                 epochs=5), 4)],   # t = 0, 0, 0, 1, 2
-                         ids=["linear-hebbian", "dynamic-oja"])
+                                                 epochs=5), 4),   # t = 0, 0, 0, 1, 2
+                                           (dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1,
+                                                 decide_every=3, epochs=5), 4)],   # every 3 of an epoch's 4 steps:
+                                                                                   # t moves in epochs 3 and 5
+                         ids=["linear-hebbian", "dynamic-oja", "plasticity-every-3-steps"])
 def test_resume_is_exact(data_dir, tmp_path, variant, stop, device, request):
     """Stopping after a local epoch (whose sampled update rows draw random numbers) and resuming
     gives the run of one go: same RNG states, weights, transitions and metrics."""
@@ -90,8 +94,11 @@ def test_resume_is_exact(data_dir, tmp_path, variant, stop, device, request):
                           load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)["rng"], "final checkpoint")
     assert without_times(resumed.metrics) == without_times(whole.metrics)
     assert resumed.model.transition == whole.model.transition
-    if variant.get("schedule") != "dynamic":
+    if "schedule" not in variant:
         assert [r["t"] for r in whole.metrics] == [0, 0, 1, 2]   # the transition moved across the resume point
+    if variant.get("schedule") == "plasticity":                  # it moved inside epochs, also after the resume point
+        moves = [h for h in whole.model.history if h["transition"] > h["transition_before"]]
+        assert moves and all("step" in h for h in moves) and moves[-1]["epoch"] > stop
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
     for key, value in a.items():
@@ -290,9 +297,34 @@ def test_trainer_feeds_every_loss_to_weak_supervision(data_dir):
     assert [r["local_lr"] for r in trainer.metrics] == pytest.approx(rec.rates[per_epoch - 1::per_epoch])
 
 
+def test_signal_schedule_moves_the_boundary_inside_an_epoch(data_dir):
+    trainer = Trainer(config(data_dir, None, epochs=3, schedule="gradnorm", c1=None, c2=None, threshold=10.0,
+                             patience=1, shift=1, decide_every=0.5), log=None)
+    assert trainer.model.schedule.decide_every == 2              # half of the 4 steps of an epoch
+    records = [trainer.train_epoch() for _ in range(3)]
+    # every change of the gradient norm is "settled" here: after the epoch-1 warm-up, the first check of an epoch
+    # moves (a new layer's first check sets its reference, so the second one cannot)
+    assert [(r["t"], r["t_next"]) for r in records] == [(0, 0), (0, 1), (1, 2)]
+    moves = [(h["epoch"], h["step"]) for h in trainer.model.history if h["transition"] > h["transition_before"]]
+    assert moves == [(2, 2), (3, 2)]                             # in the middle of epochs 2 and 3
+    order, lm = trainer.model.layer_order, trainer.model
+    for r in records[1:]:                                        # half of each epoch at t, half at t + 1
+        p = (order.local_fraction(r["t"]) + order.local_fraction(r["t_next"])) / 2
+        assert r["local_fraction"] == pytest.approx(p) and r["local_fraction"] > 0
+        cost = sum(0.5 / speed_bound(order.local_fraction(t), lm.rule.gemms, lm.sample_fraction)
+                   for t in (r["t"], r["t_next"]))
+        assert r["speed_bound"] == pytest.approx(1 / cost)
+
+
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="--alpha is an option of the dynamic schedule"):
         TrainConfig(schedule="quadratic", alpha=0.2).validate()
+    with pytest.raises(ConfigError, match="--threshold is an option of the plasticity/gradnorm schedule"):
+        TrainConfig(schedule="dynamic", threshold=0.2).validate()
+    with pytest.raises(ConfigError, match="--probe-size is an option of the plasticity schedule, not of schedule 'gradnorm'"):
+        TrainConfig(schedule="gradnorm", probe_size=8).validate()
+    with pytest.raises(ConfigError, match=r"--decide-every must be an int >= 1 \(training steps\) or a float in \(0, 1\]"):
+        TrainConfig(schedule="gradnorm", decide_every=1.5).validate()
     with pytest.raises(ValueError, match="unknown model 'nope'.*resnet20"):
         TrainConfig(model="nope").validate()
     with pytest.raises(ValueError, match="epochs"):
