@@ -25,6 +25,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+__all__ = ["Geometry", "LocalRule", "Hebbian", "Oja", "SoftHebb", "Freeze", "register_rule", "get_rule", "make_rule",
+           "list_rules"]
+
 
 class Geometry:
     """The layer's input and shape facts a rule needs; ``correlate`` is the single update GEMM."""

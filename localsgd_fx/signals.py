@@ -28,6 +28,8 @@ from passes.layers import LayerOrder
 
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE
 
+__all__ = ["SIGNALS", "SignalMeter"]
+
 SIGNALS = ("plasticity", "grad_norm")
 
 
