@@ -460,7 +460,8 @@ class Trainer:
         train_time = time.perf_counter() - start
         bar.close()
         for decision in lm.compile_decisions[decisions_before:]:
-            self.log(decision.line())
+            if decision.choice != "eager" or decision.expected_saving_s > 0:   # "no saving at all" stays in summary.json
+                self.log(decision.line())
         if self.world_size > 1:   # the epoch's figures over all processes
             totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                                  torch.tensor(float(seen), dtype=torch.float64, device=self.device)]))
