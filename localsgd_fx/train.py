@@ -308,18 +308,19 @@ class _ProgressReader:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.host = torch.zeros(3, pin_memory=self.cuda)
+        self.host = torch.zeros(2, pin_memory=self.cuda)
         self.event: torch.cuda.Event | None = None
+        self.seen = 0                      # images behind the sums in flight (a host number: no copy needed)
         self.shown: list[float] | None = None
 
     def push(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> list[float] | None:
         """Start a copy of the sums unless one is still in flight; returns the newest landed ``[loss, acc]``."""
         if self.event is not None and not self.event.query():
             return self.shown
-        if self.event is not None or not self.cuda:
+        if self.event is not None:
             self._land()
-        self.host.copy_(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)]),
-                        non_blocking=True)
+        self.host.copy_(torch.stack([loss_sum.float(), correct.float()]), non_blocking=True)
+        self.seen = seen
         if self.cuda:
             self.event = torch.cuda.Event()
             self.event.record()
@@ -328,9 +329,9 @@ class _ProgressReader:
         return self.shown
 
     def _land(self) -> None:
-        total, right, seen = self.host.tolist()
-        if seen:
-            self.shown = [total / seen, right / seen]
+        total, right = self.host.tolist()
+        if self.seen:
+            self.shown = [total / self.seen, right / self.seen]
 
 
 class Trainer:

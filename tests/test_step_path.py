@@ -331,3 +331,21 @@ def test_cuda_bf16_channels_last_reduce_overhead_matches_eager():
     assert net[0].weight.dtype == torch.float32 and torch.isfinite(net[0].weight).all()
     for layer in (0, 3):      # bf16 kernels of eager and inductor differ in rounding, not in the update
         torch.testing.assert_close(net[layer].weight, ref_net[layer].weight, rtol=2e-2, atol=2e-3)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_trainer_steps_have_no_sync(tmp_path):
+    """The trainer's loop (data, step, progress bar) between its first steps and the epoch's end reads nothing."""
+    class SyncGuard:
+        def on_step_end(self, trainer, step, loss):
+            last = len(trainer.batches) - 1
+            torch.cuda.set_sync_debug_mode("error" if 1 <= step < last else "default")
+
+    config = TrainConfig(model="smallcnn", epochs=2, batch_size=16, schedule="linear", c2=0, device="cuda",
+                         compile="off", out=None, progress=True, train_subset=None, test_subset=None)
+    try:
+        result = Trainer(config, callbacks=[SyncGuard()], data=(toy_data(480, 0), toy_data(64, 1)), log=None).fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [r["t"] for r in result.metrics] == [0, 1]
