@@ -12,25 +12,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_step_path import no_host_reads, small_net
 from torch import nn
 
 from localsgd_fx import compile_localsgd
 from localsgd_fx.schedules import GradNorm, Plasticity
 from passes.errors import LocalSGDError
 
+from helpers.steps import no_host_reads, small_net
+from helpers.steps import one_step as step
+
 
 def batches(n: int, seed: int = 0, size: int = 8):
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 1, 6, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(n)]
-
-
-def step(lm, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(lm(x), y)
-    loss.backward()
-    opt.step()
-    lm.observe_loss(loss.detach())
 
 
 def standardised(y: torch.Tensor) -> torch.Tensor:
