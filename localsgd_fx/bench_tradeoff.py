@@ -40,8 +40,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .atomic import atomic_write_text
 from .metrics import format_table
 from .runtime import COMPILE_MODES, resolve_device
