@@ -11,6 +11,8 @@ Stages (``--stage``):
   static    c1 and c2 of the static quadratic schedule, with the chosen local rate
   aggressive  larger alpha/shift, sample_fraction, and freeze on the same schedule
   signals   threshold of the plasticity and gradnorm schedules (deciding every quarter epoch)
+  long      the 20-epoch regime (``--epochs 20 --test-subset 5000``): how far each schedule moves,
+            a cap on the local prefix (``max_local``), and a cheaper local update (sample 1/16)
 
 Run: ``python benchmarks/sweep_defaults.py --stage lr`` (about 25 minutes on 2 CPU cores).
 """
@@ -56,6 +58,13 @@ STAGES = {
         **{f"gradnorm {thr}": {"schedule": "gradnorm", "threshold": thr, "decide_every": 0.25}
            for thr in (0.05, 0.1, 0.2)},
     },
+    "long": {   # issue 12: the >= 20-epoch regime; the rule barely matters at eta0 1e-4, so mostly freeze
+        "SGD": {"schedule": "sgd"},
+        "freeze dynamic": {"rule": "freeze"},
+        "freeze a0.5 s0.25": {"rule": "freeze", "alpha": 0.5, "shift": 0.25},
+        "freeze a0.5 s0.25 max14": {"rule": "freeze", "alpha": 0.5, "shift": 0.25, "max_local": 14},
+        "hebbian f1/16": {"sample_fraction": 1 / 16},
+    },
     "schedule": {
         "SGD": {"schedule": "sgd"},
         "alpha 0.1 shift 0.1": {"alpha": 0.1, "shift": 0.1},
@@ -71,11 +80,12 @@ def main() -> None:
     parser.add_argument("--stage", choices=list(STAGES), required=True)
     parser.add_argument("--local-lr", type=float, help="stage 'schedule': the local rate to use (default: the library's)")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--test-subset", type=int, default=BASE["test_subset"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="runs/sweep")
     args = parser.parse_args()
     extra = {"local_lr": args.local_lr} if args.local_lr is not None else {}
-    base = TrainConfig(**{**BASE, "epochs": args.epochs}, **extra, out=None, progress=False).validate()
+    base = TrainConfig(**{**BASE, "epochs": args.epochs, "test_subset": args.test_subset}, **extra, out=None, progress=False).validate()
     start = time.perf_counter()
     runs = run_tradeoff(base, args.seeds, arms=STAGES[args.stage])
     summary = summarise(runs)
