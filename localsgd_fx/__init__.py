@@ -23,6 +23,7 @@ _EXPORTS = {
     "LocalSGDError": "passes.errors",
     "LocalSGDModule": "localsgd_fx.api",
     "compile_localsgd": "localsgd_fx.api",
+    "DEFAULT_RULE": "localsgd_fx.api",
     "DEFAULT_LOCAL_LR": "localsgd_fx.api",
     "DEFAULT_SAMPLE_FRACTION": "localsgd_fx.api",
     "LocalRule": "localsgd_fx.rules",

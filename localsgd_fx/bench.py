@@ -170,7 +170,8 @@ def machine_line(device: str) -> str:
 def main_step(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
     parser.add_argument("--model", default=MODEL)
-    parser.add_argument("--rule", default="hebbian")
+    parser.add_argument("--rule", default="hebbian",
+                        help="local rule (default %(default)s: the rule whose update GEMM the bound models; freeze: none)")
     parser.add_argument("--batch-size", type=int, default=BATCH)
     parser.add_argument("--in-channels", type=int, default=IN_CHANNELS)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)

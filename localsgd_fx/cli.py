@@ -1,7 +1,7 @@
 """``localsgd`` command line: ``train``, ``inspect``, ``bench tradeoff``, ``bench step``.
 
 * ``localsgd train`` - LoCal+SGD training (:mod:`localsgd_fx.train`); with no flags it is the default
-  run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, hebbian rule, dynamic
+  run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, frozen local prefix, dynamic
   schedule), about 4 minutes on 2 idle CPU cores (6-7 when they are shared). Writes metrics, plots and checkpoints to ``--out``.
 * ``localsgd inspect`` - prints a model's rewritten graph for a transition ``t`` and its per-layer
   map, and writes the graph as DOT (and PNG if graphviz's ``dot`` is installed).
@@ -29,12 +29,13 @@ from passes.errors import LocalSGDError
 __all__ = ["main", "build_parser"]
 
 TRAIN_DESCRIPTION = (
-    "Train a CNN with LoCal+SGD: layers 0..t-1 learn with a local rule in the forward pass, the rest with SGD; "
+    "Train a CNN with LoCal+SGD: layers 0..t-1 run forward only - frozen (the default rule) or updated by a local rule "
+    "in the forward pass - and the rest learn with SGD; "
     "t grows by the --schedule. Measures per epoch: t, local FLOP fraction p, train loss/accuracy, test accuracy, "
     "epoch and step wall time, activation memory saved for backward, compile time, the local learning rate and the "
     "schedule's statistics -> OUT/metrics.{jsonl,csv}, OUT/transition.png, OUT/accuracy_vs_time.png, "
     "OUT/checkpoint.pt (every epoch). With no flags it is the default run: ResNet-20 on Fashion-MNIST, 10000 train / 2000 test "
-    "images, 8 epochs, hebbian rule, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
+    "images, 8 epochs, frozen local prefix, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
     "for the full dataset.")
 
 #: Printed as one line with exit status 2: the library's errors, ValueError (Python's error for a bad
@@ -85,7 +86,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="(default %(default)s)")
     g = p.add_argument_group("LoCal")
     g.add_argument("--rule", default=d["rule"], choices=list_rules(),
-                   help="local rule; freeze = the freeze baseline (default %(default)s)")
+                   help="what the local prefix does: freeze (no update), hebbian (the paper's rule), oja, softhebb "
+                        "(default %(default)s)")
     g.add_argument("--schedule", default=d["schedule"], choices=SCHEDULE_NAMES,
                    help="learning-mode selection; sgd = plain SGD (default %(default)s)")
     g.add_argument("--alpha", type=float, help="dynamic: move when delta < alpha * running average")
@@ -126,6 +128,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .api import DEFAULT_RULE
+
     parser = argparse.ArgumentParser(prog="localsgd",
                                      description="LoCal+SGD: selective localized learning as a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="print the rewritten graph and layer map for a transition t; write DOT/PNG")
     insp.add_argument("--model", default="resnet20", metavar="NAME", help="zoo model (default %(default)s)")
     insp.add_argument("--transition", "-t", type=int, default=0, help="layers 0..t-1 local (default %(default)s)")
-    insp.add_argument("--rule", default="hebbian", help="local rule (default %(default)s)")
+    insp.add_argument("--rule", default=DEFAULT_RULE, help="local rule (default %(default)s)")
     insp.add_argument("--in-channels", type=int, default=3, help="(default %(default)s)")
     insp.add_argument("--image-size", type=int, default=32, help="(default %(default)s)")
     insp.add_argument("--num-classes", type=int, default=10, help="(default %(default)s)")

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 import models_zoo
 from passes.errors import LocalSGDError
 
-from .api import DEFAULT_LOCAL_LR, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
+from .api import DEFAULT_LOCAL_LR, DEFAULT_RULE, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .atomic import atomic_write_text
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
@@ -118,7 +118,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # LoCal
-    rule: str = "hebbian"
+    rule: str = DEFAULT_RULE
     schedule: str = "dynamic"
     alpha: float | None = None
     shift: int | float | None = None

@@ -15,8 +15,11 @@ import models_zoo
 from helpers.devices import requires_cuda
 from helpers.references import RefGeometry, ref_new_weight
 from helpers.state import clone_state
-from localsgd_fx import Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
+import localsgd_fx
+from localsgd_fx import DEFAULT_RULE, Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
+from localsgd_fx.cli import build_parser
 from localsgd_fx.ops import LOCAL_UPDATE
+from localsgd_fx.train import TrainConfig
 from passes.rewrite import PARTITION_META
 
 pytestmark = pytest.mark.single_thread
@@ -86,6 +89,38 @@ def test_optimizer_built_before_compiling_trains_the_sgd_region():
     # SGD region: plain SGD steps
     for name in ("conv2.weight", "conv2.bias", "bn2.weight", "bn2.bias", "fc.weight", "fc.bias"):
         assert_close(after[name].detach(), before[name] - 0.1 * grads[name])
+
+
+def test_default_rule_is_freeze_and_leaves_the_prefix_bit_identical():
+    """With no ``rule`` the local prefix is frozen: a training step at t > 0 leaves every prefix parameter bit for
+    bit as it was (even at a local rate that would move an updating rule), while the SGD layers learn."""
+    assert TrainConfig().rule == localsgd_fx.DEFAULT_RULE == DEFAULT_RULE == "freeze"
+    assert build_parser().parse_args(["inspect"]).rule == build_parser().parse_args(["train"]).rule == "freeze"
+    model, twin = make(), make()
+    lm = compile_localsgd(model, schedule="manual", local_lr=0.5, sample_fraction=1.0)
+    hebbian = compile_localsgd(twin, rule="hebbian", schedule="manual", local_lr=0.5, sample_fraction=1.0)
+    assert lm.rule.key == "freeze" and lm.rule.gemms == 0
+    x, y = batch(n=4), torch.tensor([0, 1, 1, 0])
+    for net, wrapper in ((model, lm), (twin, hebbian)):
+        wrapper.set_transition(2)                            # conv1, conv2 local; fc by SGD
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        before = clone_state(net)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(wrapper(x), y)
+            loss.backward()
+            opt.step()
+            wrapper.observe_loss(loss.detach())
+        after = {name: p.detach() for name, p in net.named_parameters()}
+        for name in ("fc.weight", "fc.bias"):
+            assert not torch.equal(after[name], before[name]), f"SGD parameter {name} did not move"
+        prefix = ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight", "conv2.bias")
+        if wrapper is lm:
+            for name in prefix:
+                assert torch.equal(after[name], before[name]), f"frozen prefix parameter {name} changed"
+        else:   # the same steps with an updating rule do move the local weights: the check above can fail
+            assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+            assert not torch.equal(after["conv2.weight"], before["conv2.weight"])
 
 
 # ------------------------------------------------------------------------- transitions
@@ -159,7 +194,8 @@ def test_untraceable_nested_submodule_is_named_by_its_qualified_name():
 def test_leaf_modules_escape_hatch_compiles_and_runs(leaf):
     torch.manual_seed(0)
     model = Gated()
-    lm = compile_localsgd(model, leaf_modules=(leaf,), schedule="manual", local_lr=0.1, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", leaf_modules=(leaf,), schedule="manual", local_lr=0.1,
+                          sample_fraction=1.0)
     assert lm.layer_order.names == ["stem", "fc"]           # the leaf's conv stays opaque (SGD)
     lm.set_transition(1)
     w = model.stem.weight.detach().clone()
@@ -236,8 +272,8 @@ def test_dynamic_schedule_default_string():
 
 def test_state_dict_round_trip_restores_transition_epoch_schedule_and_supervision():
     model = make()
-    lm = compile_localsgd(model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1), weak_supervision="sign",
-                          sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1),
+                          weak_supervision="sign", sample_fraction=1.0)     # an updating rule: the rate matters
     _train_epoch(lm, model, {"conv1": 0.1, "conv2": 0.1, "fc": 0.1}, losses=(1.0, 2.0))
     _train_epoch(lm, model, {"conv1": 0.001, "conv2": 0.1, "fc": 0.1}, losses=(2.0, 3.0))
     assert lm.transition == 1
@@ -245,7 +281,8 @@ def test_state_dict_round_trip_restores_transition_epoch_schedule_and_supervisio
     state = copy.deepcopy(lm.state_dict())
 
     fresh_model = make(seed=5)
-    fresh = compile_localsgd(fresh_model, schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1), sample_fraction=1.0)
+    fresh = compile_localsgd(fresh_model, rule="hebbian", schedule=Dynamic(alpha=0.3, shift=1, warmup_epochs=1),
+                             sample_fraction=1.0)
     fresh.load_state_dict(state)
     assert fresh.transition == 1 and fresh.epoch == 2
     assert fresh.schedule.state_dict() == lm.schedule.state_dict()
@@ -313,7 +350,7 @@ def test_failed_load_of_same_named_but_reshaped_model_leaves_state_untouched():
 def test_eval_mode_runs_the_original_model_and_updates_nothing():
     model = make()
     ref = copy.deepcopy(model).eval()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.5, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.5, sample_fraction=1.0)
     lm.set_transition(2)
     lm.eval()
     before = clone_state(model)
@@ -388,7 +425,7 @@ def test_shared_module_is_one_layer_with_several_sites():
 
 def test_inplace_makes_the_model_itself_run_the_local_forward():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, inplace=True, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, inplace=True, sample_fraction=1.0)
     lm.set_transition(1)
     x = batch()
     w = model.conv1.weight.detach().clone()
@@ -406,14 +443,16 @@ def test_inplace_makes_the_model_itself_run_the_local_forward():
     assert not torch.equal(w, model.conv1.weight.detach())
 
 
-def test_explain_mentions_the_bound():
+@pytest.mark.parametrize("rule, saved_gemms", [("hebbian", 1), ("freeze", 2)])
+def test_explain_mentions_the_bound(rule, saved_gemms):
+    """A local layer costs 1 + its rule's update GEMMs of an SGD layer's 3: 3/(3-p) for hebbian, 3/(3-2p) for freeze."""
     model = make()
-    lm = compile_localsgd(model, schedule="manual", example_inputs=(batch(),), sample_fraction=1.0)
+    lm = compile_localsgd(model, rule=rule, schedule="manual", example_inputs=(batch(),), sample_fraction=1.0)
     lm.set_transition(2)
     text = lm.explain(print_fn=None)
     p = lm.local_fraction
     assert 0 < p < 1
-    assert lm.speed_bound == pytest.approx(3 / (3 - p))
+    assert lm.speed_bound == pytest.approx(3 / (3 - saved_gemms * p))
     assert "bound" in text and f"{lm.speed_bound:.3f}x" in text and f"{p:.3f}" in text
     assert "LOCAL" in text and "SGD" in text and "conv1" in text
     printed = []
@@ -439,7 +478,8 @@ def test_first_call_measures_shapes_with_one_extra_forward():
 
 def test_to_float64_re_emits_graphs_and_runs():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, weak_supervision="off",
+                          sample_fraction=1.0)
     lm.set_transition(1)
     lm(batch())
     g = lm.graph_module
@@ -483,7 +523,7 @@ def test_to_float64_keeps_get_attr_buffers_in_sync():
 
 def test_deepcopy_and_state_of_the_wrapper():
     model = make()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, sample_fraction=1.0)
     lm.set_transition(1)
     x = batch()
     lm(x)
@@ -500,9 +540,10 @@ def test_cuda_compiled_matches_eager(mode):
     torch.manual_seed(0)
     model = make().cuda()
     twin = copy.deepcopy(model)
-    compiled = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0,
-                                compile=mode)
-    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
+    compiled = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, weak_supervision="off",
+                                sample_fraction=1.0, compile=mode)
+    eager = compile_localsgd(twin, rule="hebbian", schedule="manual", compile=False, local_lr=0.1,
+                             weak_supervision="off", sample_fraction=1.0)
     for lm in (compiled, eager):
         lm.set_transition(2)
     x = batch().cuda()
@@ -525,7 +566,8 @@ def test_cuda_one_compile_per_distinct_t():
 
 def test_compiled_zoo_model_pickles_and_torch_saves():
     torch.manual_seed(0)
-    lm = compile_localsgd(models_zoo.get_model("smallcnn", 10, 1), schedule="manual", sample_fraction=1.0)
+    lm = compile_localsgd(models_zoo.get_model("smallcnn", 10, 1), rule="hebbian", schedule="manual",
+                          sample_fraction=1.0)
     lm.set_transition(2)
     x = torch.randn(4, 1, 28, 28)
     buf = io.BytesIO()

@@ -162,7 +162,7 @@ def _signals_part(shard: slice) -> dict:
     for schedule in (Plasticity(decide_every=1, warmup_epochs=0, threshold=0.99, beta=0.5, shift=1, probe_size=8),
                      GradNorm(decide_every=2, warmup_epochs=0, threshold=10.0, patience=1, shift=1)):
         torch.manual_seed(0)
-        lm = compile_localsgd(PlainCNN(True), schedule=schedule, compile=False, sample_fraction=1.0)
+        lm = compile_localsgd(PlainCNN(True), rule="hebbian", schedule=schedule, compile=False, sample_fraction=1.0)
         opt = torch.optim.SGD(lm.parameters(), lr=0.05, momentum=0.9)
         wrapper = LocalSGDDataParallel(lm)
         for x, y in batches():
@@ -221,7 +221,8 @@ def _config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
     would get none), and 127 test images in batches of 2 x 63 leave rank 1 an empty last part."""
     base = dict(model="smallcnn", data_dir=data_dir, train_subset=193, test_subset=127, eval_batch_size=63, epochs=3,
                 batch_size=32, lr=0.05, out=str(out) if out else None, progress=False, schedule="linear", c1=3, c2=0,
-                sample_fraction=0.5, augment=True, device="cpu")   # gloo; also on machines with a GPU
+                sample_fraction=0.5, augment=True, device="cpu",   # gloo; also on machines with a GPU
+                rule="hebbian")   # an updating rule: local weights averaged every step (torchrun runs the default)
     return TrainConfig(**{**base, **kw})
 
 

@@ -127,7 +127,7 @@ def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "heb
 
 def check_saved(model: nn.Module, x: torch.Tensor, t: int) -> None:
     """Nothing of the prefix is saved for backward (crossing tensors aside), and less than at t=0."""
-    lm = compile_localsgd(model, schedule="manual", weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", weak_supervision="off", sample_fraction=1.0)
     n_layers = len(lm.layer_order)
     t = min(t, n_layers)
     _, _, saved0 = run_recording_saved(lm.graph_for(0), x)
@@ -181,7 +181,7 @@ def test_random_cnn_nothing_saved_from_prefix(spec, data):
 @given(spec=cnn_specs(dims=2))
 def test_every_emitted_graph_lints_and_keeps_updates_through_dce(spec):
     model, x = build(spec)
-    lm = compile_localsgd(model, schedule="manual", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", sample_fraction=1.0)
     n_layers = len(lm.layer_order)
     for t in range(n_layers + 1):
         gm = lm.graph_for(t)
@@ -221,7 +221,8 @@ def test_layer_order_is_topological(spec):
 @given(spec=cnn_specs(dims=2, min_ops=2), data=st.data())
 def test_deepcopy_of_local_module_runs_identically(spec, data):
     model, x = build(spec)
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
+                          sample_fraction=1.0)
     lm.set_transition(data.draw(st.integers(1, len(lm.layer_order)), label="t"))
     lm.graph_module  # populate the caches before copying
     twin = copy.deepcopy(lm)
@@ -359,7 +360,8 @@ def test_dce_on_emitted_graph_keeps_unused_local_branch():
             return self.fc(h.mean((2, 3)))
 
     model = Net()
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, weak_supervision="off",
+                          sample_fraction=1.0)
     assert lm.layer_order.names == ["a", "dead", "fc"]
     lm.set_transition(2)
     gm = lm.graph_module
@@ -406,7 +408,8 @@ def test_zoo_model_matches_reference_and_saves_nothing_from_prefix(name):
     (out_ref * gout).sum().backward()
     ref_grads, ref_buffers = grads(ref), dict(ref.named_buffers())
 
-    lm = compile_localsgd(model, schedule="manual", weak_supervision="off", local_lr=0.01, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", weak_supervision="off", local_lr=0.01,
+                          sample_fraction=1.0)
     n_layers = len(lm.layer_order)
     tol = dict(rtol=1e-4, atol=1e-5)
 
@@ -478,7 +481,7 @@ class TinyResNet(nn.Module):
 
 @pytest.mark.parametrize("t", [1, 2, 3])
 def test_golden_rewritten_code(t):
-    lm = compile_localsgd(TinyResNet(), schedule="manual", sample_fraction=1.0)
+    lm = compile_localsgd(TinyResNet(), rule="hebbian", schedule="manual", sample_fraction=1.0)
     lm.set_transition(t)
     check_golden(lm.graph_module.code, GOLDEN / f"tiny_resnet_t{t}.py.txt")
 

@@ -279,7 +279,7 @@ def test_non_finite_update_through_compiled_module_names_the_layer():
     model.add_module("pool", nn.AdaptiveAvgPool2d(1))
     model.add_module("flat", nn.Flatten())
     model.add_module("head", nn.Linear(2, 2))
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, sample_fraction=1.0)
     lm.set_transition(1)
     x = torch.randn(2, 1, 6, 6)
     x[1, 0, 0, 0] = float("inf")
@@ -301,7 +301,7 @@ def test_non_finite_update_through_compiled_module_names_the_layer():
 
 def test_empty_batch_is_no_update_and_no_error():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
-    lm = compile_localsgd(model, schedule="manual", local_lr=0.1, sample_fraction=0.25)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.1, sample_fraction=0.25)
     lm.set_transition(1)
     w_old = model[0].weight.detach().clone()
     assert lm(torch.randn(0, 1, 6, 6)).shape == (0, 2)

@@ -37,9 +37,9 @@ def standardised(y: torch.Tensor) -> torch.Tensor:
 def test_plasticity_is_the_change_of_the_standardised_probe_output():
     torch.manual_seed(0)
     net = small_net()
-    lm = compile_localsgd(net, schedule=Plasticity(decide_every=2, warmup_epochs=99, probe_size=5), compile="off",
-                          sample_fraction=1.0)
-    lm.set_transition(1)        # layer 1 = net[3]: its input passes the local layer 0 and an eval-mode BatchNorm
+    lm = compile_localsgd(net, rule="hebbian", schedule=Plasticity(decide_every=2, warmup_epochs=99, probe_size=5),
+                          compile="off", sample_fraction=1.0)
+    lm.set_transition(1)        # layer 1 = net[3]: its input passes the local layer 0 (updating) and an eval-mode BN
     opt = torch.optim.SGD(lm.parameters(), lr=0.2)
     data = batches(6)
     probe = data[0][0][:5].clone()
@@ -143,8 +143,8 @@ def test_signals_add_no_host_read_to_the_step(schedule):
 def make_pair(schedule_factory):
     torch.manual_seed(0)
     a_net, b_net = small_net(), small_net()
-    lms = [compile_localsgd(net, schedule=schedule_factory(), compile="off", sample_fraction=1.0, local_lr=0.05)
-           for net in (a_net, b_net)]
+    lms = [compile_localsgd(net, rule="hebbian", schedule=schedule_factory(), compile="off", sample_fraction=1.0,
+                            local_lr=0.05) for net in (a_net, b_net)]
     opts = [torch.optim.SGD(lm.parameters(), lr=0.1, momentum=0.9) for lm in lms]
     return lms, opts
 

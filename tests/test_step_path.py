@@ -1,9 +1,10 @@
 """The training step as the product runs it: no host reads, mixed precision, channels-last, compiling.
 
 CPU tests check what a CPU can: that a default step never reads a tensor on the host (on CUDA each
-read is a sync), that autocast and channels-last steps work with fp32 master weights, that a compiled
-run makes one forward and one backward graph per distinct ``t`` (partial batches and evaluation add
-none), and the decisions of ``compile="auto"``. The CUDA-marked tests repeat the critical ones on a GPU.
+read is a sync), with the default rule (freeze) and with an updating one (hebbian), that autocast and
+channels-last steps work with fp32 master weights, that a compiled run makes one forward and one
+backward graph per distinct ``t`` (partial batches and evaluation add none), and the decisions of
+``compile="auto"``. The CUDA-marked tests repeat the critical ones on a GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localsgd_fx import Dynamic, compile_localsgd
+from localsgd_fx import DEFAULT_RULE, Dynamic, compile_localsgd
 from localsgd_fx.data import ImageDataset
 from localsgd_fx.runtime import AutoCompile, compile_mode
 from localsgd_fx.train import TrainConfig, Trainer
@@ -19,6 +20,14 @@ from localsgd_fx.train import TrainConfig, Trainer
 from helpers.steps import no_host_reads, one_step, small_net
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+#: the default rule (freeze: no update in the step) and the paper's rule (an update GEMM, the non-finite guard)
+STEP_RULES = pytest.mark.parametrize("rule", [None, "hebbian"], ids=[f"default-{DEFAULT_RULE}", "hebbian"])
+
+
+def rule_kwargs(rule: str | None) -> dict:
+    """``compile_localsgd``/``TrainConfig`` keywords: none for the default rule."""
+    return {} if rule is None else {"rule": rule}
 
 
 def twins(**kwargs):
@@ -29,11 +38,13 @@ def twins(**kwargs):
 
 
 # ------------------------------------------------------------------------------- host reads
+@STEP_RULES
 @pytest.mark.parametrize("compile", ["off", "auto"])
-def test_default_step_never_reads_a_tensor_on_the_host(compile):
+def test_default_step_never_reads_a_tensor_on_the_host(compile, rule):
     torch.manual_seed(0)
     net = small_net()
-    lm = compile_localsgd(net, schedule="manual", compile=compile)        # check_finite and sample_fraction: defaults
+    # the default step (the default rule, check_finite, sample_fraction) and the same step with an updating rule
+    lm = compile_localsgd(net, schedule="manual", compile=compile, **rule_kwargs(rule))
     lm.set_transition(2)
     opt = torch.optim.SGD(lm.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
@@ -42,15 +53,21 @@ def test_default_step_never_reads_a_tensor_on_the_host(compile):
     with no_host_reads():
         for _ in range(3):
             one_step(lm, opt, x, y)
-    assert not torch.equal(net[0].weight.detach(), w0)                   # the local layer did learn in there
+    if rule is None:
+        assert lm.rule.key == DEFAULT_RULE == "freeze"
+        assert torch.equal(net[0].weight.detach(), w0)                   # frozen: the local layer did not move
+    else:
+        assert not torch.equal(net[0].weight.detach(), w0)               # the local layer did learn in there
     lm.end_epoch()                                                       # the once-per-epoch read is allowed
 
 
 # ----------------------------------------------------------------------- precision and layout
 def test_cpu_autocast_bf16_step_updates_fp32_master_weights():
     ref_net, amp_net = twins()
-    ref = compile_localsgd(ref_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
-    amp = compile_localsgd(amp_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
+    ref = compile_localsgd(ref_net, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
+                           sample_fraction=1.0)
+    amp = compile_localsgd(amp_net, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
+                           sample_fraction=1.0)
     for lm in (ref, amp):
         lm.set_transition(2)
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
@@ -74,8 +91,10 @@ def test_cpu_autocast_bf16_step_updates_fp32_master_weights():
 def test_channels_last_model_and_input_match_contiguous():
     ref_net, cl_net = twins()
     cl_net.to(memory_format=torch.channels_last)
-    ref = compile_localsgd(ref_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=0.5)
-    cl = compile_localsgd(cl_net, schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=0.5)
+    ref = compile_localsgd(ref_net, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
+                           sample_fraction=0.5)
+    cl = compile_localsgd(cl_net, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
+                          sample_fraction=0.5)
     for lm in (ref, cl):
         lm.set_transition(2)
     x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
@@ -97,11 +116,12 @@ def toy_data(n: int, seed: int) -> ImageDataset:
     return ImageDataset("toy", images, labels, 3, (0.4,), (0.3,))
 
 
+@STEP_RULES
 @pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
-def test_trainer_mixed_precision_run(amp, channels_last, tmp_path):
+def test_trainer_mixed_precision_run(amp, channels_last, rule, tmp_path):
     config = TrainConfig(model="smallcnn", epochs=2, batch_size=32, schedule="linear", c2=0, amp=amp,
                          channels_last=channels_last, device="cpu", compile="off", out=str(tmp_path / "run"),
-                         progress=False, train_subset=None, test_subset=None)
+                         progress=False, train_subset=None, test_subset=None, **rule_kwargs(rule))
     result = Trainer(config, data=(toy_data(96, 0), toy_data(64, 1)), log=None).fit()
     assert [r["t"] for r in result.metrics] == [0, 1] and result.metrics[-1]["t_next"] > 1
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_loss"] == r["train_loss"] for r in result.metrics)
@@ -118,10 +138,10 @@ def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
     torch._dynamo.reset()
     counters.clear()
     net, twin = twins()
-    compiled = compile_localsgd(net, schedule="manual", compile=True, local_lr=0.1, weak_supervision="off",
-                                sample_fraction=0.5)
-    eager = compile_localsgd(twin, schedule="manual", compile=False, local_lr=0.1, weak_supervision="off",
-                             sample_fraction=0.5)
+    compiled = compile_localsgd(net, rule="hebbian", schedule="manual", compile=True, local_lr=0.1,
+                                weak_supervision="off", sample_fraction=0.5)
+    eager = compile_localsgd(twin, rule="hebbian", schedule="manual", compile=False, local_lr=0.1,
+                             weak_supervision="off", sample_fraction=0.5)
     batches = [torch.randn(8, 1, 6, 6) for _ in range(2)] + [torch.randn(5, 1, 6, 6)]   # a partial last batch
     y = torch.randint(0, 3, (8,))
     for t in (0, 2):
@@ -257,11 +277,12 @@ def test_compile_vocabulary():
 # -------------------------------------------------------------------------------------- CUDA
 @cuda
 @pytest.mark.cuda
+@STEP_RULES
 @pytest.mark.parametrize("compile", ["off", "reduce-overhead"])
-def test_cuda_default_step_has_no_sync(compile):
+def test_cuda_default_step_has_no_sync(compile, rule):
     torch.manual_seed(0)
     net = small_net(8).cuda()
-    lm = compile_localsgd(net, schedule="manual", compile=compile)
+    lm = compile_localsgd(net, schedule="manual", compile=compile, **rule_kwargs(rule))
     lm.set_transition(2)
     opt = torch.optim.SGD(lm.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(16, 1, 8, 8, device="cuda"), torch.randint(0, 3, (16,), device="cuda")
@@ -281,8 +302,10 @@ def test_cuda_default_step_has_no_sync(compile):
 @pytest.mark.cuda
 def test_cuda_bf16_channels_last_reduce_overhead_matches_eager():
     ref_net, net = (m.cuda().to(memory_format=torch.channels_last) for m in twins())
-    eager = compile_localsgd(ref_net, schedule="manual", compile="off", local_lr=0.05, weak_supervision="off")
-    graphed = compile_localsgd(net, schedule="manual", compile="reduce-overhead", local_lr=0.05, weak_supervision="off")
+    eager = compile_localsgd(ref_net, rule="hebbian", schedule="manual", compile="off", local_lr=0.05,
+                             weak_supervision="off")
+    graphed = compile_localsgd(net, rule="hebbian", schedule="manual", compile="reduce-overhead", local_lr=0.05,
+                               weak_supervision="off")
     x = torch.randn(16, 1, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (16,), device="cuda")
     for lm in (eager, graphed):
@@ -298,7 +321,8 @@ def test_cuda_bf16_channels_last_reduce_overhead_matches_eager():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_trainer_steps_have_no_sync(tmp_path):
+@STEP_RULES
+def test_cuda_trainer_steps_have_no_sync(tmp_path, rule):
     """The trainer's loop (data, step, progress bar) between its first steps and the epoch's end reads nothing."""
     class SyncGuard:
         def on_step_end(self, trainer, step, loss):
@@ -306,7 +330,8 @@ def test_cuda_trainer_steps_have_no_sync(tmp_path):
             torch.cuda.set_sync_debug_mode("error" if 1 <= step < last else "default")
 
     config = TrainConfig(model="smallcnn", epochs=2, batch_size=16, schedule="linear", c2=0, device="cuda",
-                         compile="off", out=None, progress=True, train_subset=None, test_subset=None)
+                         compile="off", out=None, progress=True, train_subset=None, test_subset=None,
+                         **rule_kwargs(rule))
     try:
         result = Trainer(config, callbacks=[SyncGuard()], data=(toy_data(480, 0), toy_data(64, 1)), log=None).fit()
     finally:

@@ -67,12 +67,13 @@ class DrawRandomNumbers(Callback):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant, stop", [(dict(), 3),     # t = 0, 0, 1, 2
+@pytest.mark.parametrize("variant, stop", [(dict(rule="hebbian"), 3),     # t = 0, 0, 1, 2
                                            (dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja",
                                                  epochs=5), 4),   # t = 0, 0, 0, 1, 2
                                            (dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1,
                                                  decide_every=3, epochs=5), 4)],   # every 3 of an epoch's 4 steps:
-                                                                                   # t moves in epochs 3 and 5
+                                                                                   # t moves in epochs 3 and 5;
+                                                                                   # the default rule (freeze)
                          ids=["linear-hebbian", "dynamic-oja", "plasticity-every-3-steps"])
 def test_resume_is_exact(data_dir, tmp_path, variant, stop, device, request):
     """Stopping after a local epoch (whose sampled update rows draw random numbers) and resuming
@@ -284,7 +285,7 @@ def test_trainer_feeds_every_loss_to_weak_supervision(data_dir):
             self.rates.append(trainer.model.supervision.lr.item())
 
     rec = Record()
-    trainer = Trainer(config(data_dir, None, epochs=3, local_lr=local_lr, weak_supervision="sign"),
+    trainer = Trainer(config(data_dir, None, epochs=3, rule="hebbian", local_lr=local_lr, weak_supervision="sign"),
                       callbacks=[rec], log=None)
     trainer.fit()
     steps = 3 * len(trainer.batches)
