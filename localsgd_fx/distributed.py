@@ -142,7 +142,9 @@ def sgd_parameters(lm: LocalSGDModule, t: int | None = None) -> list[nn.Paramete
 
 
 def local_weights(lm: LocalSGDModule, t: int | None = None) -> list[nn.Parameter]:
-    """The weights the local rule updates at transition ``t``: those of layers ``0..t-1``."""
+    """The weights the local rule updates at transition ``t``: those of layers ``0..t-1`` (none for freeze)."""
+    if lm.rule.gemms == 0:      # a frozen prefix never changes: nothing to average across processes
+        return []
     t = lm.transition if t is None else t
     traced = lm.graph_for(0)
     return [traced.get_submodule(layer.name).weight for layer in lm.layer_order.layers[:t]]

@@ -27,7 +27,7 @@ import localsgd_fx.distributed as ldist
 import models_zoo
 from localsgd_fx import DEFAULT_LOCAL_LR, compile_localsgd
 from localsgd_fx.data import Batches, ImageDataset
-from localsgd_fx.distributed import LocalSGDDataParallel, communication_per_step, sgd_parameters
+from localsgd_fx.distributed import LocalSGDDataParallel, communication_per_step, local_weights, sgd_parameters
 from localsgd_fx.metrics import TIME_COLUMNS
 from localsgd_fx.schedules import GradNorm, Plasticity
 from localsgd_fx.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -321,12 +321,20 @@ def test_sgd_parameters_are_those_that_get_gradients(name):
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg11_bn"])
 def test_a_local_layer_costs_no_more_bytes_than_its_gradient(name):
-    lm = compile_localsgd(models_zoo.get_model(name, 10, 3), schedule="manual", compile=False)
+    lm = compile_localsgd(models_zoo.get_model(name, 10, 3), rule="hebbian", schedule="manual", compile=False)
     sgd = communication_per_step(lm, 0)
     assert sgd["local_weights"] == 0
     for t in range(1, lm.max_local + 1):
         local = communication_per_step(lm, t)
-        assert local["gradients"] + local["local_weights"] <= sgd["gradients"], t
+        assert 0 < local["local_weights"] and local["gradients"] + local["local_weights"] <= sgd["gradients"], t
+
+
+def test_a_frozen_prefix_is_not_averaged():
+    """Frozen weights never change, so the default rule sends nothing for them."""
+    lm = compile_localsgd(models_zoo.get_model("resnet20", 10, 3), schedule="manual", compile=False)
+    assert lm.rule.key == "freeze"
+    for t in (1, lm.max_local):
+        assert local_weights(lm, t) == [] and communication_per_step(lm, t)["local_weights"] == 0, t
 
 
 def test_shards_partition_every_batch():
