@@ -1,12 +1,12 @@
 """``localsgd bench tradeoff``: the time/accuracy trade-off of LoCal+SGD against its baselines.
 
 What it measures: five arms trained side by side on the same data, seeds, epochs and SGD
-hyperparameters - plain SGD; LoCal+SGD (hebbian) with the dynamic schedule (Algorithm 1) at the
-library's defaults (alpha 0.3, 10 % of the layers per move); the freeze rule on that same
-schedule; and both again with the ``fast`` preset (alpha 0.5, 15 % per move). ``--arms`` also
+hyperparameters - plain SGD; the freeze rule (the library's default rule) with the dynamic schedule
+(Algorithm 1) at its defaults (alpha 0.3, 10 % of the layers per move); LoCal+SGD with the paper's
+hebbian rule on that same schedule; and both again with the ``fast`` preset (alpha 0.5, 15 % per move). ``--arms`` also
 offers the ``fastest`` preset (alpha 0.5, 25 %) and the signal schedules ``plasticity`` (Egeria)
-and ``gradnorm`` (AutoFreeze) at their defaults, deciding every quarter of an epoch. Each LoCal arm has a freeze
-twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
+and ``gradnorm`` (AutoFreeze) at their defaults, deciding every quarter of an epoch. Each LoCal (hebbian) arm has
+a freeze twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
 by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
 schedule state) so a busy neighbour on a shared machine slows every arm
 alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,

@@ -7,7 +7,7 @@ time, the local learning rate and the schedule's statistics (δ, W̄). Files in 
 ``metrics.jsonl``, ``metrics.csv``, ``transition.png``, ``accuracy_vs_time.png``, ``checkpoint.pt``
 (every epoch, atomic), ``config.json`` and, at the end, ``summary.json``.
 
-The step: forward (the local prefix updates its weights inside it), cross-entropy, backward,
+The step: forward (a local rule updates the prefix inside it; the default, freeze, leaves it), cross-entropy, backward,
 optimizer step, LR scheduler step, ``model.observe_loss(loss)``; ``model.end_epoch()`` once per
 epoch. The learning rate is stepped **per iteration**: cosine from ``lr`` to 0 over all
 iterations, or ``step`` (x0.1 at 50 % and 75 % of the epochs).
