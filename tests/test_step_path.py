@@ -160,9 +160,9 @@ def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
             compiled(torch.randn(3, 1, 6, 6))                            # evaluation: eager, no graph
         compiled.train()
     assert compiled.compile_count == 2
-    # one dynamo compile per t; the backward compiles lazily at the first backward (none when torch's cache
-    # already holds it, then it loads with the forward)
-    assert compiled.compile_events["DYNAMO"] == 2 and compiled.compile_events.get("LAZY_BACKWARD", 0) in (0, 2)
+    # one dynamo compile per t; the backward compiles lazily at the first backward, at most once per t (not at
+    # all for a t whose backward torch's on-disk cache already holds: then it loads with the forward)
+    assert compiled.compile_events["DYNAMO"] == 2 and compiled.compile_events.get("LAZY_BACKWARD", 0) <= 2
     assert set(compiled.compile_events) <= {"DYNAMO", "LAZY_BACKWARD"}
     assert counters["stats"]["unique_graphs"] == 2                       # torch's own count agrees
     assert compiled.compile_seconds > 0
