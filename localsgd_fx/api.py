@@ -260,7 +260,8 @@ class LocalSGDModule(nn.Module):
     def stats(self) -> dict[str, Any]:
         """Per-epoch figures for logging: t, local FLOP fraction, schedule statistics, local rate."""
         return {"transition": self.transition, "local_fraction": self.local_fraction, "speed_bound": self.speed_bound,
-                "local_lr": float(self.supervision.lr), "compile_count": self.compile_count,
+                "local_lr": float(self.supervision.lr) if self.rule.gemms else None,   # freeze: no local rate
+                "compile_count": self.compile_count,
                 "compile_seconds": self.compile_seconds, "compiled": self.is_compiled(self.transition),
                 **self.schedule.log_stats()}
 

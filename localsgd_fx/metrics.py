@@ -29,7 +29,7 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``compiled``              whether the epoch's transition ran a compiled graph at the epoch's end
                           (``compile="auto"`` decides per transition; its choices go to the log)
 ``lr``                    optimizer learning rate at the end of the epoch
-``local_lr``              current (signed) local learning rate of weak supervision
+``local_lr``              current (signed) local learning rate of weak supervision (empty for freeze)
 ``world_size``            processes training the run (1 without torchrun)
 ``replica_max_abs_diff``  largest ``|w - w_rank0|`` over all parameters and buffers of all
                           processes at the end of the epoch (0.0: the replicas are identical)
