@@ -11,6 +11,8 @@ Stages (``--stage``):
   static    c1 and c2 of the static quadratic schedule, with the chosen local rate
   aggressive  larger alpha/shift, sample_fraction, and freeze on the same schedule
   signals   threshold of the plasticity and gradnorm schedules (deciding every quarter epoch)
+  rules     the local rules against freeze (the reference arm) on the default schedule: hebbian with
+            weak supervision "scale" at a 10x rate, oja and softhebb
   long      the 20-epoch regime (``--epochs 20 --test-subset 5000``): how far each schedule moves,
             a cap on the local prefix (``max_local``), and a cheaper local update (sample 1/16)
 
@@ -27,7 +29,10 @@ from localsgd_fx.atomic import atomic_write_text
 from localsgd_fx.bench_tradeoff import format_summary, run_tradeoff, summarise
 from localsgd_fx.train import TrainConfig
 
-BASE = dict(model="resnet20", dataset="fashion-mnist", train_subset=10000, test_subset=2000, epochs=8, batch_size=128)
+# The sweeps behind docs/RESULTS.md ran the Hebbian rule (the library's default until freeze replaced it):
+# every arm uses it unless it names another rule.
+BASE = dict(model="resnet20", dataset="fashion-mnist", train_subset=10000, test_subset=2000, epochs=8, batch_size=128,
+            rule="hebbian")
 STAGES = {
     "lr": {
         "SGD": {"schedule": "sgd"},
@@ -57,6 +62,12 @@ STAGES = {
            for thr in (0.3, 0.5, 0.7)},
         **{f"gradnorm {thr}": {"schedule": "gradnorm", "threshold": thr, "decide_every": 0.25}
            for thr in (0.05, 0.1, 0.2)},
+    },
+    "rules": {   # issue 12: can a local rule beat a frozen prefix? Δ and speedup are against freeze here
+        "freeze dynamic": {"rule": "freeze"},
+        "hebbian scale 1e-3": {"rule": "hebbian", "weak_supervision": "scale", "local_lr": 1e-3},
+        "oja 1e-4": {"rule": "oja", "local_lr": 1e-4},
+        "softhebb 1e-4": {"rule": "softhebb", "local_lr": 1e-4},
     },
     "long": {   # issue 12: the >= 20-epoch regime; the rule barely matters at eta0 1e-4, so mostly freeze
         "SGD": {"schedule": "sgd"},
