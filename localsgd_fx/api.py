@@ -105,8 +105,11 @@ class LocalSGDModule(nn.Module):
             return runner(*args, **kwargs)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Feed the step's training loss to weak supervision (sets the next step's local rate)."""
-        self.supervision.observe(loss)
+        """Feed the step's training loss to weak supervision (sets the next step's local rate).
+
+        A rule without an update (freeze) reads no rate, so the step spends nothing on it."""
+        if self.rule.gemms:
+            self.supervision.observe(loss)
 
     def check_updates(self) -> None:
         """Raise :class:`LocalSGDError` if local updates were refused as non-finite since the last check.

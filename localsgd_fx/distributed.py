@@ -10,6 +10,7 @@ moves. :class:`LocalSGDDataParallel` handles both:
   move, a bucket re-assignment (no weights are sent, only DDP's bucket layout, a few integers).
   ``find_unused_parameters=True`` would instead walk the autograd graph every step and still
   all-reduce the prefix's zero gradients.
+* With the default rule, freeze, the prefix never changes: nothing below is communicated for it.
 * The local layers' weights are averaged across ranks after every forward: one flat ``all_reduce``
   launched as the forward returns, so it runs during the backward, and applied when the step ends
   (:meth:`~LocalSGDDataParallel.observe_loss`). A local layer's weight has the size of the
@@ -160,7 +161,7 @@ def communication_per_step(lm: LocalSGDModule, t: int | None = None) -> dict[str
     def nbytes(tensors: Iterable[torch.Tensor]) -> int:
         return sum(x.numel() * x.element_size() for x in tensors)
     return {"gradients": nbytes(sgd_parameters(lm, t)), "local_weights": nbytes(local_weights(lm, t)),
-            "loss": torch.finfo(torch.float32).bits // 8, "buffers": nbytes(lm.buffers())}
+            "loss": torch.finfo(torch.float32).bits // 8 if lm.rule.gemms else 0, "buffers": nbytes(lm.buffers())}
 
 
 def replica_max_abs_diff(module: nn.Module, group: dist.ProcessGroup | None = None) -> float:
@@ -259,10 +260,12 @@ class LocalSGDDataParallel(nn.Module):
         with torch.no_grad():
             torch._foreach_copy_(self._local_views, self._flat_parts)
 
-    def observe_loss(self, loss: torch.Tensor | float) -> torch.Tensor:
+    def observe_loss(self, loss: torch.Tensor | float) -> torch.Tensor | None:
         """End the step: apply the averaged local weights, feed weak supervision the loss averaged
-        over ranks (returned)."""
+        over ranks (returned; None for a rule without an update, freeze, which needs no loss)."""
         self.finish_step()
+        if not self.module.rule.gemms:     # no local rate to set: no all-reduce in the step
+            return None
         lr = self.module.supervision.lr
         mean = torch.as_tensor(loss).detach().to(lr.device, torch.float32).reshape(1).clone()
         dist.all_reduce(mean, group=self.process_group)

@@ -50,7 +50,9 @@ class WeakSupervision(nn.Module):
         self.register_buffer("base_lr", torch.tensor(float(base_lr)))
         self.register_buffer("lr", torch.tensor(float(base_lr)))
         self.register_buffer("loss_ema", torch.tensor(0.0))
-        self.register_buffer("last_loss", torch.tensor(float("nan")))
+        # 0 until the first loss (``steps`` says whether there was one): a NaN here would make replicas
+        # that never observe a loss (freeze) compare as different and checkpoints compare unequal
+        self.register_buffer("last_loss", torch.tensor(0.0))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
 
     def extra_repr(self) -> str:

@@ -116,6 +116,7 @@ def test_default_rule_is_freeze_and_leaves_the_prefix_bit_identical():
             assert not torch.equal(after[name], before[name]), f"SGD parameter {name} did not move"
         prefix = ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight", "conv2.bias")
         if wrapper is lm:
+            assert int(lm.supervision.steps) == 0          # freeze reads no local rate: no per-step work for it
             for name in prefix:
                 assert torch.equal(after[name], before[name]), f"frozen prefix parameter {name} changed"
         else:   # the same steps with an updating rule do move the local weights: the check above can fail

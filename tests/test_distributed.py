@@ -335,6 +335,7 @@ def test_a_frozen_prefix_is_not_averaged():
     assert lm.rule.key == "freeze"
     for t in (1, lm.max_local):
         assert local_weights(lm, t) == [] and communication_per_step(lm, t)["local_weights"] == 0, t
+    assert communication_per_step(lm, 1)["loss"] == 0          # and no loss average: freeze reads no rate
 
 
 def test_shards_partition_every_batch():

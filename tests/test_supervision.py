@@ -151,12 +151,13 @@ def test_local_update_of_step_s_uses_the_rate_from_losses_before_s():
 
 def test_compiled_module_state_dict_carries_supervision():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
-    lm = compile_localsgd(model, schedule="manual", weak_supervision="scale", local_lr=0.1, sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="hebbian", schedule="manual", weak_supervision="scale", local_lr=0.1,
+                          sample_fraction=1.0)
     for loss in (1.0, 3.0):
         lm.observe_loss(torch.tensor(loss))
     state = lm.state_dict()
     assert {"supervision.lr", "supervision.loss_ema", "supervision.steps"} <= set(state)
-    twin = compile_localsgd(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), schedule="manual",
+    twin = compile_localsgd(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), rule="hebbian", schedule="manual",
                             weak_supervision="scale", local_lr=0.1, sample_fraction=1.0)
     twin.load_state_dict(state)
     assert float(twin.supervision.lr) == pytest.approx(0.1 * 1.2 / 3.0)
