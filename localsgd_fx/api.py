@@ -34,7 +34,8 @@ __all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_RULE", "DEFAULT_LOCAL_
 
 #: What the local prefix does by default: nothing (it is frozen). On 6 of 7 measured pairs of runs a
 #: frozen prefix was at least as accurate as a Hebbian one on the same schedule (the 7th within the
-#: seed spread), and it is faster (no update GEMM): docs/RESULTS.md, "Local rule or freeze". ``rule="hebbian"`` is the paper's rule.
+#: seed spread), and it is faster (no update GEMM): docs/RESULTS.md, "Local rule or freeze".
+#: ``rule="hebbian"`` is the paper's rule.
 DEFAULT_RULE = "freeze"
 DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
 #: Each local update is computed from this fraction of the batch. A quarter makes the update GEMM
@@ -108,7 +109,7 @@ class LocalSGDModule(nn.Module):
         """Feed the step's training loss to weak supervision (sets the next step's local rate).
 
         A rule without an update (freeze) reads no rate, so the step spends nothing on it."""
-        if self.rule.gemms:
+        if self.rule.updates:
             self.supervision.observe(loss)
 
     def check_updates(self) -> None:
@@ -263,7 +264,7 @@ class LocalSGDModule(nn.Module):
     def stats(self) -> dict[str, Any]:
         """Per-epoch figures for logging: t, local FLOP fraction, schedule statistics, local rate."""
         return {"transition": self.transition, "local_fraction": self.local_fraction, "speed_bound": self.speed_bound,
-                "local_lr": float(self.supervision.lr) if self.rule.gemms else None,   # freeze: no local rate
+                "local_lr": float(self.supervision.lr) if self.rule.updates else None,   # freeze: no rate
                 "compile_count": self.compile_count,
                 "compile_seconds": self.compile_seconds, "compiled": self.is_compiled(self.transition),
                 **self.schedule.log_stats()}

@@ -144,7 +144,7 @@ def sgd_parameters(lm: LocalSGDModule, t: int | None = None) -> list[nn.Paramete
 
 def local_weights(lm: LocalSGDModule, t: int | None = None) -> list[nn.Parameter]:
     """The weights the local rule updates at transition ``t``: those of layers ``0..t-1`` (none for freeze)."""
-    if lm.rule.gemms == 0:      # a frozen prefix never changes: nothing to average across processes
+    if not lm.rule.updates:     # a frozen prefix never changes: nothing to average across processes
         return []
     t = lm.transition if t is None else t
     traced = lm.graph_for(0)
@@ -161,7 +161,7 @@ def communication_per_step(lm: LocalSGDModule, t: int | None = None) -> dict[str
     def nbytes(tensors: Iterable[torch.Tensor]) -> int:
         return sum(x.numel() * x.element_size() for x in tensors)
     return {"gradients": nbytes(sgd_parameters(lm, t)), "local_weights": nbytes(local_weights(lm, t)),
-            "loss": torch.finfo(torch.float32).bits // 8 if lm.rule.gemms else 0, "buffers": nbytes(lm.buffers())}
+            "loss": torch.finfo(torch.float32).bits // 8 if lm.rule.updates else 0, "buffers": nbytes(lm.buffers())}
 
 
 def replica_max_abs_diff(module: nn.Module, group: dist.ProcessGroup | None = None) -> float:
@@ -264,7 +264,7 @@ class LocalSGDDataParallel(nn.Module):
         """End the step: apply the averaged local weights, feed weak supervision the loss averaged
         over ranks (returned; None for a rule without an update, freeze, which needs no loss)."""
         self.finish_step()
-        if not self.module.rule.gemms:     # no local rate to set: no all-reduce in the step
+        if not self.module.rule.updates:   # no local rate to set: no all-reduce in the step
             return None
         lr = self.module.supervision.lr
         mean = torch.as_tensor(loss).detach().to(lr.device, torch.float32).reshape(1).clone()

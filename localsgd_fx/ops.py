@@ -66,7 +66,7 @@ def local_update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, rul
     y = layer_forward(x, weight, bias, stride, padding, dilation, groups)
     local_rule = get_rule(rule)
     keep = sample_count(x.shape[0], sample_fraction)
-    if local_rule.gemms == 0 or keep == 0:     # freeze, or an empty batch: nothing to learn from
+    if not local_rule.updates or keep == 0:     # freeze, or an empty batch: nothing to learn from
         return y
     xs, ys = (x, y) if keep == x.shape[0] else (x[:keep], y[:keep])
     geometry = Geometry(xs, weight, stride, padding, dilation, groups)

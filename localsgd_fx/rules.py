@@ -81,6 +81,11 @@ class LocalRule(ABC):
     name: ClassVar[str]
     gemms: ClassVar[int] = 1   # update GEMMs per step: enters the 3/(3-p) speed bound
 
+    @property
+    def updates(self) -> bool:
+        """Whether the rule changes weights at all (freeze does not): no local rate, nothing to average."""
+        return self.gemms > 0
+
     @abstractmethod
     def new_weight(self, weight: Tensor, y: Tensor, geometry: Geometry, lr: Tensor) -> Tensor | None:
         """The updated weight (a new tensor), or None for no update.
