@@ -71,8 +71,15 @@ class LocalSGDModule(nn.Module):
         self.auto_compile: AutoCompile | None = None     # made at the first train step under compile="auto"
         # step counts for the auto policy's estimate of the steps left at a transition
         self._steps_this_epoch, self._steps_per_epoch, self._epochs_at_transition = 0, 0, 0
-        # device-side guard: refused (non-finite) updates per layer, read once per epoch
-        self.register_buffer("nonfinite_updates", torch.zeros(len(order), dtype=torch.int32), persistent=False)
+        #: training steps in an epoch, when the caller knows (the trainer sets it); otherwise the longest
+        #: epoch seen so far, which in the first epoch is only the steps taken yet
+        self.steps_per_epoch: int | None = None
+        # device-side guard: refused (non-finite) updates per layer, read once per epoch. Made on the model's
+        # device, as is the local rate: a model moved to CUDA before compile_localsgd needs no second .to()
+        device = next(model.parameters(), torch.empty(0)).device
+        self.register_buffer("nonfinite_updates", torch.zeros(len(order), dtype=torch.int32, device=device),
+                             persistent=False)
+        supervision.to(device)
         # plain attributes, not submodules: they share the model's modules, and are rebuilt on demand
         self.__dict__["_traced"] = traced
         self.__dict__["_order"] = order
@@ -137,7 +144,7 @@ class LocalSGDModule(nn.Module):
         any more, else as many as ``t`` has lasted already (a run that held ``t`` for k epochs is
         expected to hold it about k more), never past ``total_epochs``.
         """
-        per_epoch = max(self._steps_per_epoch, self._steps_this_epoch)
+        per_epoch = self.steps_per_epoch or max(self._steps_per_epoch, self._steps_this_epoch)
         left_this_epoch = max(0, per_epoch - self._steps_this_epoch)
         stuck = isinstance(self.schedule, (PlainSGD, Manual)) or self.transition >= self.max_local
         epochs_left = None if self.total_epochs is None else max(0, self.total_epochs - self.epoch - 1)
@@ -480,8 +487,6 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
                             check_finite=check_finite, total_epochs=total_epochs)
-    device = next(model.parameters(), torch.empty(0)).device
-    module.supervision.to(device)
     if inplace:
         model.forward = module.forward
     return module

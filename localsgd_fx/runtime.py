@@ -141,11 +141,12 @@ class AutoCompile:
     """
 
     WARMUP, WINDOW = 3, 10
-    #: compiled/eager step ratio assumed before any measurement: CUDA graphs measured 0.45x (ResNet-20)
-    #: to 0.69x (ResNet-50, bf16) of eager on an H100; on a CPU nothing is assumed to be gained.
+    #: compiled/eager step ratio assumed before any measurement: CUDA graphs measured 0.38x (ResNet-20)
+    #: to 0.69x (ResNet-50, bf16) of eager on an H100, so 0.7 is the cautious end; on a CPU nothing is
+    #: assumed to be gained.
     PRIOR_RATIO = {"cuda": 0.7, "cpu": 1.0}
-    #: seconds to compile one transition's forward + backward before any measurement (H100: 8-14 s the
-    #: forward of ResNet-20, 25-43 s everything a move triggered)
+    #: seconds to compile one transition's forward + backward before any measurement (H100, CUDA graphs
+    #: included: ~15 s ResNet-20, ~40 s ResNet-50 at 64x64)
     PRIOR_COMPILE_S = 30.0
     MIN_GAIN = 0.98     # a compiled graph must be at least 2 % faster than eager to be kept
 

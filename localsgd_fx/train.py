@@ -410,7 +410,7 @@ class Trainer:
         compile_before, decisions_before, hits_before = lm.compile_seconds, len(lm.compile_decisions), compile_cache_hits()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        steps = len(self.batches)
+        steps = lm.steps_per_epoch = len(self.batches)   # compile="auto" needs it in the first epoch already
         meter_step = min(1, steps - 1)
         meter = SavedActivationMeter()
         loss_sum = torch.zeros((), device=self.device)

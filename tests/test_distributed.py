@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from helpers.state import without_measurements
 import localsgd_fx.distributed as ldist
 import models_zoo
 from localsgd_fx import DEFAULT_LOCAL_LR, compile_localsgd
 from localsgd_fx.data import Batches, ImageDataset
 from localsgd_fx.distributed import LocalSGDDataParallel, communication_per_step, local_weights, sgd_parameters
-from localsgd_fx.metrics import TIME_COLUMNS
 from localsgd_fx.schedules import GradNorm, Plasticity
 from localsgd_fx.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from localsgd_fx.train import TrainConfig, Trainer, fit
@@ -241,9 +241,6 @@ def _trainer_part(out: Path, data_dir: str) -> dict:
     return runs
 
 
-def without_times(records):
-    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in records]
-
 
 def test_resume_under_two_processes_equals_an_uninterrupted_run(two_processes, data_dir):
     out, ranks = two_processes[0], [r["trainer"] for r in two_processes[1]]
@@ -253,7 +250,7 @@ def test_resume_under_two_processes_equals_an_uninterrupted_run(two_processes, d
     assert [r["t"] for r in metrics] == [0, 1, 2]                          # t moved across the resume point
     for rank in ranks:
         for run in ("whole", "resumed"):
-            assert without_times(rank[run][0]) == without_times(metrics)  # same figures on every process
+            assert without_measurements(rank[run][0]) == without_measurements(metrics)  # same figures on every process
             for name, value in weights.items():
                 assert torch.equal(rank[run][1][name], value), f"{run}: {name}"
     lines = (out / "split" / "metrics.jsonl").read_text().splitlines()
@@ -265,7 +262,7 @@ def test_resume_under_two_processes_equals_an_uninterrupted_run(two_processes, d
     assert [h["step"] for h in history if h["transition"] > h["transition_before"]] == [1, 2]   # inside epochs
     for rank in ranks:
         for run in ("signals_whole", "signals_resumed"):
-            assert without_times(rank[run][0]) == without_times(signal_metrics)
+            assert without_measurements(rank[run][0]) == without_measurements(signal_metrics)
             assert rank[run][2] == history                           # every decision's signal value
             for name, value in signal_weights.items():
                 assert torch.equal(rank[run][1][name], value), f"{run}: {name}"

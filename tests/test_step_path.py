@@ -131,6 +131,19 @@ def test_trainer_mixed_precision_run(amp, channels_last, rule, tmp_path):
 
 
 # --------------------------------------------------------------------------------- compiling
+def test_trainer_gives_auto_the_epoch_length_before_its_first_decision():
+    """compile="auto" decides 14 steps into the first epoch; it must count the whole epoch then, not
+    only the steps taken yet (which made it expect ~126 steps of a 4,690-step run on a GPU)."""
+    config = TrainConfig(model="smallcnn", epochs=3, batch_size=16, schedule="sgd", device="cpu", compile="auto",
+                         out=None, progress=False, train_subset=None, test_subset=None)
+    result = Trainer(config, data=(toy_data(480, 0), toy_data(64, 1)), log=None).fit()
+    first = result.model.compile_decisions[0]
+    steps = 480 // 16
+    deciding_step = AutoCompile.WARMUP + AutoCompile.WINDOW + 1     # it decides before this step runs
+    assert (first.epoch, first.t) == (1, 0)
+    assert first.expected_steps == (steps - deciding_step) + 2 * steps
+
+
 @pytest.mark.slow
 def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
     from torch._dynamo.utils import counters
@@ -266,6 +279,11 @@ def test_expected_steps_at_transition():
         assert dyn.expected_steps_at_transition() == epoch * 6   # held t for `epoch` epochs: that many more
         dyn.end_epoch()
     assert dyn.transition == 0
+    known = compile_localsgd(small_net(), schedule="sgd", total_epochs=10)
+    known.steps_per_epoch = 50                               # the trainer says so before the first step
+    for _ in range(13):                                      # where auto decides, 13 steps into the first epoch
+        known(x)
+    assert known.expected_steps_at_transition() == 37 + 9 * 50   # not 9 epochs of the 13 steps seen yet
 
 
 def test_compile_vocabulary():
@@ -311,6 +329,9 @@ def test_cuda_bf16_channels_last_reduce_overhead_matches_eager():
     for lm in (eager, graphed):
         lm.set_transition(2)
         for _ in range(4):
+            # grads cleared every step, as training does: under CUDA graphs a .grad accumulated over two
+            # backward passes is a replay output that the next replay overwrites (pytorch#169545)
+            lm.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = F.cross_entropy(lm(x), y)
             loss.backward()

@@ -24,12 +24,12 @@ import torch
 from localsgd_fx import LocalSGDError
 from helpers.devices import DEVICES
 from helpers.references import reference_rates
-from helpers.state import assert_same_rng_state
+from helpers.state import assert_same_rng_state, without_measurements
 from localsgd_fx.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint,
                                     save_checkpoint)
 from localsgd_fx.data import DatasetError
 from localsgd_fx.lock import LOCK_NAME, RunFolderBusy
-from localsgd_fx.metrics import COLUMNS, TIME_COLUMNS
+from localsgd_fx.metrics import COLUMNS
 from localsgd_fx.train import STEP_GAMMA, STEP_MILESTONES, Callback, ConfigError, Trainer, TrainConfig, fit
 from localsgd_fx.cost import speed_bound
 
@@ -47,9 +47,6 @@ def config(data_dir: str, out: Path | None, **kw) -> TrainConfig:
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def without_times(records):
-    return [{k: v for k, v in r.items() if k not in TIME_COLUMNS} for r in records]
 
 
 class DrawRandomNumbers(Callback):
@@ -93,7 +90,7 @@ def test_resume_is_exact(data_dir, tmp_path, variant, stop, device, request):
     assert first_cb.draws + resumed_cb.draws == whole_cb.draws       # the global RNG streams continue exactly
     assert_same_rng_state(load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["rng"],
                           load_checkpoint(tmp_path / "whole" / CHECKPOINT_NAME)["rng"], "final checkpoint")
-    assert without_times(resumed.metrics) == without_times(whole.metrics)
+    assert without_measurements(resumed.metrics) == without_measurements(whole.metrics)
     assert resumed.model.transition == whole.model.transition
     if "schedule" not in variant:
         assert [r["t"] for r in whole.metrics] == [0, 0, 1, 2]   # the transition moved across the resume point

@@ -24,3 +24,10 @@ def assert_same_rng_state(a: dict, b: dict, where: str = "") -> None:
     na, nb = a["numpy"], b["numpy"]
     assert torch.equal(na["keys"], nb["keys"]) and {k: v for k, v in na.items() if k != "keys"} == \
         {k: v for k, v in nb.items() if k != "keys"}, f"{where}: numpy RNG states differ"
+
+
+def without_measurements(records):
+    """Metrics records without the columns that measure the machine (time, CUDA peak memory), which
+    differ between otherwise identical runs."""
+    from localsgd_fx.metrics import MEASURED_COLUMNS
+    return [{k: v for k, v in r.items() if k not in MEASURED_COLUMNS} for r in records]
