@@ -13,6 +13,10 @@ Stages (``--stage``):
   signals   threshold of the plasticity and gradnorm schedules (deciding every quarter epoch)
   rules     the local rules against freeze (the reference arm) on the default schedule: hebbian with
             weak supervision "scale" at a 10x rate, oja and softhebb
+  follow    the Hebbian rate decaying with the SGD learning rate (``local_lr_schedule="follow"``) against
+            freeze, on gradnorm (run with ``--epochs 20 --test-subset 5000 --seeds 0 1``)
+  perlr     Algorithm 1 comparing update norms divided by the epoch's mean learning rate (``per_lr``),
+            against plain Algorithm 1 (the reference arm); run with ``--epochs 20 --test-subset 5000``
   long      the 20-epoch regime (``--epochs 20 --test-subset 5000``): how far each schedule moves,
             a cap on the local prefix (``max_local``), and a cheaper local update (sample 1/16)
 
@@ -75,6 +79,15 @@ STAGES = {
         "freeze a0.5 s0.25": {"rule": "freeze", "alpha": 0.5, "shift": 0.25},
         "freeze a0.5 s0.25 max14": {"rule": "freeze", "alpha": 0.5, "shift": 0.25, "max_local": 14},
         "hebbian f1/16": {"sample_fraction": 1 / 16},
+    },
+    "follow": {   # issue 12: a Hebbian rate that decays with the SGD LR, on the 20-epoch regime's best schedule
+        "SGD": {"schedule": "sgd"},
+        "freeze gradnorm": {"rule": "freeze", "schedule": "gradnorm", "decide_every": 0.25},
+        "hebbian gradnorm follow": {"schedule": "gradnorm", "decide_every": 0.25, "local_lr_schedule": "follow"},
+    },
+    "perlr": {   # issue 12: Algorithm 1 with update norms per unit of learning rate, in the 20-epoch regime
+        "freeze dynamic": {"rule": "freeze"},
+        "freeze dynamic per-lr": {"rule": "freeze", "per_lr": True},
     },
     "schedule": {
         "SGD": {"schedule": "sgd"},

@@ -154,10 +154,12 @@ class LocalSGDModule(nn.Module):
             more = self._epochs_at_transition if epochs_left is None else min(epochs_left, self._epochs_at_transition)
         return left_this_epoch + per_epoch * more
 
-    def end_epoch(self) -> int:
+    def end_epoch(self, mean_lr: float | None = None) -> int:
         """Run learning-mode selection at the end of an epoch; returns the (possibly new) ``t``.
 
-        Raises :class:`LocalSGDError` first if local updates were refused as non-finite this epoch.
+        ``mean_lr``: the SGD learning rate averaged over the epoch's steps, for schedules that read it
+        (``Dynamic(per_lr=True)``). Raises :class:`LocalSGDError` first if local updates were refused
+        as non-finite this epoch.
         """
         if self.check_finite:
             self.check_updates()
@@ -170,7 +172,7 @@ class LocalSGDModule(nn.Module):
         if self.schedule.decide_every is None:      # else it decides in maybe_decide
             stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
                                max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares(),
-                               signals=self._read_signals())
+                               signals=self._read_signals(), mean_lr=mean_lr)
             new_t = int(self.schedule.select(stats))
         self.epoch += 1
         before = self.transition

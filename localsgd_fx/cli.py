@@ -61,7 +61,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .rules import list_rules
     from .runtime import COMPILE_MODES
     from .schedules import SCHEDULE_NAMES
-    from .train import TrainConfig
+    from .train import LOCAL_LR_SCHEDULES, TrainConfig
 
     d = {f.name: f.default for f in fields(TrainConfig)}
     g = p.add_argument_group("data and model")
@@ -91,6 +91,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default=d["schedule"], choices=SCHEDULE_NAMES,
                    help="learning-mode selection; sgd = plain SGD (default %(default)s)")
     g.add_argument("--alpha", type=float, help="dynamic: move when delta < alpha * running average")
+    g.add_argument("--per-lr", action="store_true", default=None,
+                   help="dynamic: divide each epoch's update norm by the epoch's mean learning rate (long runs)")
     g.add_argument("--shift", type=_int_or_float,
                    help="dynamic/plasticity/gradnorm: layers per move (int) or fraction of the layers")
     g.add_argument("--c1", type=_int_or_float, help="static: most layers ever local (int) or fraction of the layers")
@@ -104,6 +106,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "instead of at epoch ends")
     g.add_argument("--probe-size", type=int, help="plasticity: images in the fixed probe batch")
     g.add_argument("--local-lr", type=float, default=d["local_lr"], help="eta0 of the local rule (default %(default)s)")
+    g.add_argument("--local-lr-schedule", default=d["local_lr_schedule"], choices=list(LOCAL_LR_SCHEDULES),
+                   help="'follow': the local rate decays with the SGD learning rate's schedule (default %(default)s)")
     g.add_argument("--weak-supervision", default=d["weak_supervision"], choices=["sign", "scale", "off"],
                    help="(default %(default)s)")
     g.add_argument("--sample-fraction", type=float, default=d["sample_fraction"],

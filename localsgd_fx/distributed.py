@@ -273,7 +273,7 @@ class LocalSGDDataParallel(nn.Module):
         self.module.observe_loss(mean)
         return mean.reshape(())
 
-    def end_epoch(self) -> int:
+    def end_epoch(self, mean_lr: float | None = None) -> int:
         """Learning-mode selection on identical replicas (rank 0's buffers); returns the new ``t``.
 
         DDP is rebuilt at the next forward if ``t`` moved.
@@ -281,7 +281,7 @@ class LocalSGDDataParallel(nn.Module):
         self.finish_step()
         self.sync_buffers()
         with self._signals_on_replicas(epoch_end=True):
-            return self.module.end_epoch()
+            return self.module.end_epoch(mean_lr)
 
     def maybe_decide(self) -> int:
         """:meth:`LocalSGDModule.maybe_decide <localsgd_fx.api.LocalSGDModule.maybe_decide>` on identical

@@ -140,6 +140,8 @@ class EpochStats:
             layer since the previous decision (``None``: nothing to compare with yet):
             ``"plasticity"`` - relative change of the layer's per-channel standardised output on
             the fixed probe batch; ``"grad_norm"`` - mean norm of the layer's weight gradient.
+        mean_lr: the SGD learning rate averaged over the epoch's steps, when the caller gives it
+            (``end_epoch(mean_lr=...)``; the trainer does); ``None`` otherwise.
     """
 
     epoch: int
@@ -149,6 +151,7 @@ class EpochStats:
     update_norms: dict[int, float]
     flop_shares: list[float] | None = None
     signals: dict[str, float | None] = field(default_factory=dict)
+    mean_lr: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +506,10 @@ class Dynamic(Schedule):
         beta: decay of the running average, in ``[0, 1)``.
         warmup_epochs: no move while ``stats.epoch <= warmup_epochs`` (history is still
             recorded), an int ``>= 0``.
+        per_lr: compare ``delta_E / mean_lr_E`` instead of ``delta_E`` (``stats.mean_lr`` must be
+            given). An SGD update scales with the learning rate, so without this the test also fires
+            when the rate falls fast between epochs (short cosine runs) and hardly fires when it
+            falls slowly (long runs); divided by the rate, it asks whether the layer settled.
 
     Example::
 
@@ -520,9 +527,13 @@ class Dynamic(Schedule):
         shift: int | float = DYNAMIC_DEFAULT_SHIFT,
         beta: float = DYNAMIC_DEFAULT_BETA,
         warmup_epochs: int = DYNAMIC_DEFAULT_WARMUP_EPOCHS,
+        per_lr: bool = False,
     ) -> None:
         super().__init__()
         self.alpha = _check_real("alpha", alpha, "(0, 1)", lambda v: 0.0 < v < 1.0)
+        if not isinstance(per_lr, bool):
+            raise ValueError(f"per_lr must be True or False, got {per_lr!r}")
+        self.per_lr = per_lr
         if _is_int(shift):
             _check_int("shift", shift, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
             self.shift: int | float = int(shift)
@@ -559,6 +570,13 @@ class Dynamic(Schedule):
                     f"float >= 0, got {delta!r}"
                 )
             norms[int(layer)] = float(delta)
+        if self.per_lr and norms:
+            lr = stats.mean_lr
+            if lr is None or not _is_real(lr) or not math.isfinite(lr) or lr <= 0:
+                raise ValueError(
+                    f"Dynamic(per_lr=True) needs the epoch's mean SGD learning rate > 0: call "
+                    f"end_epoch(mean_lr=...) (the trainer does); got mean_lr={lr!r} at epoch {stats.epoch}")
+            norms = {layer: delta / lr for layer, delta in norms.items()}
         decide = t < stats.max_local  # at max_local there is nothing left to move
         if decide and t not in norms:
             raise ValueError(
@@ -585,7 +603,7 @@ class Dynamic(Schedule):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            alpha=self.alpha, shift=self.shift, beta=self.beta,
+            alpha=self.alpha, shift=self.shift, beta=self.beta, per_lr=self.per_lr,
             warmup_epochs=self.warmup_epochs, shift_layers=self.shift_layers,
             # JSON object keys are strings; load_state_dict turns them back into ints.
             running_avg={str(k): v for k, v in self.running_avg.items()},
@@ -597,6 +615,7 @@ class Dynamic(Schedule):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.alpha, self.shift, self.beta = state["alpha"], state["shift"], state["beta"]
+        self.per_lr = bool(state.get("per_lr", False))
         self.warmup_epochs, self.shift_layers = state["warmup_epochs"], state["shift_layers"]
         self.running_avg = {int(k): float(v) for k, v in state["running_avg"].items()}
         self.last_delta = {int(k): float(v) for k, v in state["last_delta"].items()}
@@ -608,8 +627,9 @@ class Dynamic(Schedule):
         return dict(self._last)
 
     def __repr__(self) -> str:
+        per_lr = ", per_lr=True" if self.per_lr else ""
         return (f"Dynamic(alpha={self.alpha!r}, shift={self.shift!r}, beta={self.beta!r}, "
-                f"warmup_epochs={self.warmup_epochs!r})")
+                f"warmup_epochs={self.warmup_epochs!r}{per_lr})")
 
 
 # ---------------------------------------------------------------------------------------------

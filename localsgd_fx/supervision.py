@@ -54,6 +54,9 @@ class WeakSupervision(nn.Module):
         # that never observe a loss (freeze) compare as different and checkpoints compare unequal
         self.register_buffer("last_loss", torch.tensor(0.0))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        # η0's multiplier (set_rate_factor); not saved: its owner (the trainer, from its LR schedule) sets
+        # it before every loss it feeds, a resumed run's first included
+        self.register_buffer("rate_factor", torch.tensor(1.0), persistent=False)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, base_lr={float(self.base_lr):g}, beta={self.beta}"
@@ -63,21 +66,27 @@ class WeakSupervision(nn.Module):
         """Record the loss of the step just taken; sets ``lr`` for the next step."""
         loss = torch.as_tensor(loss).detach().to(self.lr.device, torch.float32).reshape(())
         ok = torch.isfinite(loss)
+        base = self.base_lr * self.rate_factor
         prev = torch.where(self.steps == 0, loss, self.loss_ema)
         ema = prev + (1 - self.beta) * (loss - prev)   # incremental: a flat loss keeps the average exact
         if self.mode == "sign":
             # L <= β·prev + (1-β)·L  <=>  L <= prev (β > 0): decided on prev, so rounding never makes a
             # flat loss look like a rise
             rising = loss > prev if self.beta > 0 else torch.zeros_like(ok)
-            lr = torch.where(rising, -self.base_lr, self.base_lr)
+            lr = torch.where(rising, -base, base)
         elif self.mode == "scale":
-            lr = self.base_lr * torch.clamp(ema / loss.clamp_min(1e-12), max=1.0)
+            lr = base * torch.clamp(ema / loss.clamp_min(1e-12), max=1.0)
         else:
-            lr = self.base_lr.clone()
+            lr = base
         self.loss_ema.copy_(torch.where(ok, ema, self.loss_ema))
         self.lr.copy_(torch.where(ok, lr, self.lr))
         self.last_loss.copy_(torch.where(ok, loss, self.last_loss))
         self.steps.add_(ok.long())
+
+    def set_rate_factor(self, factor: float) -> None:
+        """Scale η0 by ``factor`` from the next observed loss on (e.g. the SGD learning rate's schedule
+        factor, so that the local rate decays with it). A device-side fill: no host read."""
+        self.rate_factor.fill_(float(factor))
 
     def set_base_lr(self, value: float) -> None:
         """Change ``η0``; the current rate keeps its sign."""

@@ -86,6 +86,10 @@ RUN_CONTROL = ("data_dir", "out", "resume", "overwrite", "stop_after", "progress
                "eval_batch_size")
 
 
+#: How the local rule's η0 changes over a run: kept, or multiplied by the SGD learning rate's schedule factor.
+LOCAL_LR_SCHEDULES = ("constant", "follow")
+
+
 class ConfigError(LocalSGDError, ValueError):
     """A configuration value or combination that cannot run; the message names the field and what is valid."""
 
@@ -121,6 +125,7 @@ class TrainConfig:
     rule: str = DEFAULT_RULE
     schedule: str = "dynamic"
     alpha: float | None = None
+    per_lr: bool | None = None           # dynamic: compare update norms per unit of the epoch's mean learning rate
     shift: int | float | None = None
     c1: int | float | None = None
     c2: int | float | None = None
@@ -129,6 +134,7 @@ class TrainConfig:
     decide_every: int | float | None = None
     probe_size: int | None = None
     local_lr: float = DEFAULT_LOCAL_LR
+    local_lr_schedule: str = "constant"  # "constant" | "follow": η0 times the SGD learning rate's schedule factor
     weak_supervision: str = "sign"
     sample_fraction: float = DEFAULT_SAMPLE_FRACTION
     max_local: int | None = None
@@ -169,6 +175,8 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.local_lr >= 0, f"local_lr must be >= 0, got {self.local_lr}")
         need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        need(self.local_lr_schedule in LOCAL_LR_SCHEDULES,
+             f"local_lr_schedule must be one of {', '.join(LOCAL_LR_SCHEDULES)}, got {self.local_lr_schedule!r}")
         need(not (self.resume and self.overwrite),
              "resume and overwrite exclude each other: --resume continues the run in --out, --overwrite starts it over")
         need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
@@ -194,7 +202,7 @@ def _pos_int(value: Any) -> bool:
 
 #: schedule -> the TrainConfig fields that are its options
 SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "dynamic": ("alpha", "shift"),
+    "dynamic": ("alpha", "shift", "per_lr"),
     "plasticity": ("threshold", "shift", "patience", "decide_every", "probe_size"),
     "gradnorm": ("threshold", "shift", "patience", "decide_every"),
     **{kind: ("c1", "c2") for kind in ("static", "quadratic", "linear", "exponential")},
@@ -411,6 +419,8 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         steps = lm.steps_per_epoch = len(self.batches)   # compile="auto" needs it in the first epoch already
+        follow_lr = cfg.local_lr_schedule == "follow" and lm.rule.updates
+        lr_sum = 0.0
         meter_step = min(1, steps - 1)
         meter = SavedActivationMeter()
         loss_sum = torch.zeros((), device=self.device)
@@ -437,7 +447,10 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            lr_sum += self.optimizer.param_groups[0]["lr"]     # the rate this step used (a Python float)
             self.lr_scheduler.step()
+            if follow_lr:
+                lm.supervision.set_rate_factor(self.optimizer.param_groups[0]["lr"] / cfg.lr)
             step_model.observe_loss(loss.detach())
             if step_model.maybe_decide() != t_now:      # a schedule deciding every K steps moved the boundary
                 segments.append((t_now, i + 1 - segment_start))
@@ -455,7 +468,7 @@ class Trainer:
         segments.append((t_now, steps - segment_start))
         p, bound = _epoch_figures(lm, [seg for seg in segments if seg[1]])        # of the transitions used this epoch
         compiled = lm.is_compiled(t_now)
-        t_next = step_model.end_epoch()
+        t_next = step_model.end_epoch(mean_lr=lr_sum / steps if steps else None)
         if cuda:
             torch.cuda.synchronize(self.device)
         train_time = time.perf_counter() - start

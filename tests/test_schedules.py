@@ -252,6 +252,28 @@ def test_dynamic_exact_tie_keeps_t():
     assert s.select(stats(3, 0, 4, norms={0: 0.5, 1: 1.0, 2: 1.0, 3: 1.0})) == 1
 
 
+def test_dynamic_per_lr_asks_whether_the_layer_settled_not_the_learning_rate():
+    """δ that halves with the learning rate is a layer still learning at the same pace: per_lr keeps t
+    where the plain test moves; δ that falls while the rate holds moves under both."""
+    lr_halving = [(1, 1.0, 0.1), (2, 0.5, 0.05)]      # (epoch, δ0, mean lr)
+    plain = Dynamic(alpha=0.7, shift=1, beta=0.5, warmup_epochs=0)
+    per_lr = Dynamic(alpha=0.7, shift=1, beta=0.5, warmup_epochs=0, per_lr=True)
+    for schedule, want in ((plain, [0, 1]), (per_lr, [0, 0])):       # plain: 0.5 < 0.7 * 0.75
+        assert [schedule.select(EpochStats(e, 0, 4, 3, {0: d, 1: 1.0, 2: 1.0, 3: 1.0}, mean_lr=lr))
+                for e, d, lr in lr_halving] == want
+    assert per_lr.running_avg[0] == pytest.approx(10.0) and per_lr.log_stats()["delta"] == pytest.approx(10.0)
+    settling = Dynamic(alpha=0.7, shift=1, beta=0.5, warmup_epochs=0, per_lr=True)
+    assert [settling.select(EpochStats(e, 0, 4, 3, {0: d, 1: 1.0, 2: 1.0, 3: 1.0}, mean_lr=0.1))
+            for e, d in [(1, 1.0), (2, 0.3)]] == [0, 1]           # 3 < 0.7 * 6.5: settled at an unchanged rate
+    twin = Dynamic()
+    twin.load_state_dict(json.loads(json.dumps(settling.state_dict())))
+    assert twin.per_lr and "per_lr=True" in repr(twin)
+    with pytest.raises(ValueError, match=r"Dynamic\(per_lr=True\) needs the epoch's mean SGD learning rate"):
+        Dynamic(per_lr=True).select(stats(1, 0, 4, norms={0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}))
+    with pytest.raises(ValueError, match="per_lr must be True or False"):
+        Dynamic(per_lr=1)
+
+
 def test_dynamic_zero_update_moves_even_with_a_zero_average():
     """A layer whose SGD updates are all zero (δ = W̄ = 0, e.g. it gets no gradient) has nothing to
     learn by SGD: it moves instead of holding t for good (0 < α·0 is false)."""

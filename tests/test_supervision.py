@@ -183,3 +183,18 @@ def test_set_base_lr_keeps_sign_and_validation():
         WeakSupervision("sign", base_lr=-1.0)
     with pytest.raises(ValueError, match="weak_supervision"):
         compile_localsgd(nn.Linear(2, 2), weak_supervision="bogus")
+
+
+@pytest.mark.parametrize("mode", ["sign", "scale", "off"])
+def test_rate_factor_scales_every_mode_from_the_next_loss_on(mode):
+    losses = [2.0, 3.0, 1.0, 1.5]
+    plain = rates(mode, losses)
+    ws = WeakSupervision(mode, base_lr=ETA)
+    got = [float(ws.lr)]
+    for i, loss in enumerate(losses):
+        ws.set_rate_factor(0.25 if i >= 2 else 1.0)     # the schedule's factor drops before the third loss
+        ws.observe(torch.tensor(loss))
+        got.append(float(ws.lr))
+    assert got[:3] == plain[:3]
+    assert got[3:] == pytest.approx([0.25 * r for r in plain[3:]], rel=1e-6)
+    assert "rate_factor" not in ws.state_dict()          # the trainer sets it again on resume

@@ -64,7 +64,7 @@ class DrawRandomNumbers(Callback):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant, stop", [(dict(rule="hebbian"), 3),     # t = 0, 0, 1, 2
+@pytest.mark.parametrize("variant, stop", [(dict(rule="hebbian", local_lr_schedule="follow"), 3),  # t = 0, 0, 1, 2
                                            (dict(schedule="dynamic", c1=None, c2=None, alpha=0.9, shift=1, rule="oja",
                                                  epochs=5), 4),   # t = 0, 0, 0, 1, 2
                                            (dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1,
@@ -293,6 +293,45 @@ def test_trainer_feeds_every_loss_to_weak_supervision(data_dir):
     assert {math.copysign(1, r) for r in rec.rates} == {1.0, -1.0}     # it evolves: rises turn it anti-Hebbian
     per_epoch = len(trainer.batches)
     assert [r["local_lr"] for r in trainer.metrics] == pytest.approx(rec.rates[per_epoch - 1::per_epoch])
+
+
+def test_local_rate_follows_the_sgd_learning_rate_when_asked(data_dir):
+    """--local-lr-schedule follow: after every step the local rate's size is η0 times the SGD LR's
+    schedule factor (cosine to 0), with weak supervision's sign unchanged."""
+    local_lr, lr = 0.01, 0.05
+
+    class Record(Callback):
+        def __init__(self):
+            self.rates, self.factors = [], []
+
+        def on_step_end(self, trainer, step, loss):
+            self.rates.append(trainer.model.supervision.lr.item())
+            self.factors.append(trainer.optimizer.param_groups[0]["lr"] / lr)
+
+    follow, constant = Record(), Record()
+    for rec, schedule in ((follow, "follow"), (constant, "constant")):
+        Trainer(config(data_dir, None, epochs=3, rule="hebbian", lr=lr, local_lr=local_lr, local_lr_schedule=schedule),
+                callbacks=[rec], log=None).fit()
+    assert follow.factors == constant.factors and follow.factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert [abs(r) for r in constant.rates] == pytest.approx([local_lr] * len(constant.rates))
+    assert [abs(r) for r in follow.rates] == pytest.approx([local_lr * f for f in follow.factors], rel=1e-6, abs=1e-12)
+    with pytest.raises(ConfigError, match="local_lr_schedule must be one of constant, follow"):
+        config(data_dir, None, local_lr_schedule="decay").validate()
+
+
+def test_dynamic_per_lr_gets_each_epochs_mean_learning_rate(data_dir):
+    """--per-lr: the trainer hands Dynamic the mean of the rates its optimizer steps used, so the
+    transition layer's compared δ is its raw update norm divided by that mean."""
+    lr = 0.05
+    trainer = Trainer(config(data_dir, None, epochs=3, lr=lr, schedule="dynamic", c1=None, c2=None, per_lr=True),
+                      log=None)
+    trainer.fit()
+    steps, factor = len(trainer.batches), trainer._lr_factor()
+    last = trainer.model.history[-1]                       # epoch 3, decided at its end
+    mean_lr = sum(lr * factor(s) for s in range(2 * steps, 3 * steps)) / steps
+    assert trainer.model.schedule.log_stats()["delta"] == pytest.approx(last["update_norm"] / mean_lr, rel=1e-9)
+    with pytest.raises(ConfigError, match="--per-lr is an option of the dynamic schedule"):
+        config(data_dir, None, schedule="gradnorm", c1=None, c2=None, per_lr=True).validate()
 
 
 def test_signal_schedule_moves_the_boundary_inside_an_epoch(data_dir):
