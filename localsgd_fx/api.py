@@ -32,8 +32,8 @@ from .supervision import WeakSupervision
 
 __all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_RULE", "DEFAULT_LOCAL_LR", "DEFAULT_SAMPLE_FRACTION"]
 
-#: What the local prefix does by default: nothing (it is frozen). On 6 of 7 measured pairs of runs a
-#: frozen prefix was at least as accurate as a Hebbian one on the same schedule (the 7th within the
+#: What the local prefix does by default: nothing (it is frozen). On 7 of 8 measured pairs of runs a
+#: frozen prefix was at least as accurate as a Hebbian one on the same schedule (the 8th within the
 #: seed spread), and it is faster (no update GEMM): docs/RESULTS.md, "Local rule or freeze".
 #: ``rule="hebbian"`` is the paper's rule.
 DEFAULT_RULE = "freeze"

@@ -281,7 +281,7 @@ def test_expected_steps_at_transition():
     assert dyn.transition == 0
     known = compile_localsgd(small_net(), schedule="sgd", total_epochs=10)
     known.steps_per_epoch = 50                               # the trainer says so before the first step
-    for _ in range(13):                                      # where auto decides, 13 steps into the first epoch
+    for _ in range(13):                                      # 13 steps into the first epoch
         known(x)
     assert known.expected_steps_at_transition() == 37 + 9 * 50   # not 9 epochs of the 13 steps seen yet
 
