@@ -1,8 +1,9 @@
 """``compile_localsgd``: trace a model, order its layers, and run it with a local prefix.
 
-The returned :class:`LocalSGDModule` re-emits its graph whenever the transition ``t`` moves
-(rewritten and compiled graphs are cached by ``t``) and keeps the schedule and weak-supervision
-state in its ``state_dict`` so that training resumes exactly.
+The returned :class:`LocalSGDModule` runs the graph emitted for the current transition ``t`` (a
+:class:`~localsgd_fx.graphs.GraphCache` emits and caches one per ``t``), lets a
+:class:`~localsgd_fx.driver.ScheduleDriver` move ``t``, and keeps the schedule and weak-supervision state
+in its ``state_dict`` so that training resumes exactly.
 """
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ from torch import nn
 from passes.errors import LocalSGDError
 from passes.inspection import LAYER_COLUMNS, layer_rows
 from passes.layers import LayerOrder, find_layers
-from passes.partition import check_transition
-from passes.rewrite import LocalUpdateSpec, rewrite
+from passes.rewrite import LocalUpdateSpec
 from passes.trace import trace
 
 from .cost import speed_bound
 from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
-from .runtime import AutoCompile, CompileClock, compile_mode, torch_compile
-from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, EpochStats, Manual, PlainSGD, Schedule, make_schedule
-from .signals import SignalMeter
+from .capture import TrainStep
+from .driver import ScheduleDriver
+from .graphs import GraphCache
+from .runtime import compile_mode
+from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, Dynamic, PolicySchedule, Schedule, make_schedule
+from .signals import SignalMeter, UpdateNorms
 from .supervision import WeakSupervision
 
 __all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_RULE", "DEFAULT_LOCAL_LR", "DEFAULT_SAMPLE_FRACTION"]
@@ -43,74 +46,89 @@ DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 c
 #: "Pushing the dynamic schedule": 1.34x at -0.40 pp vs 1.19x at -0.50 pp with the full batch).
 DEFAULT_SAMPLE_FRACTION = 0.25
 STATE_VERSION = 1
-_EVAL = "eval"   # runner key of eval mode: the untouched traced graph, always eager (see _build_runner)
 
+
+def _driven(name: str, doc: str) -> property:
+    """A module attribute that is the driver's ``name``."""
+    return property(lambda self: getattr(self.driver, name), lambda self, value: setattr(self.driver, name, value),
+                    doc=doc)
 
 class LocalSGDModule(nn.Module):
     """A model whose layers ``0..t-1`` learn with a local rule during the forward pass.
 
     Build it with :func:`compile_localsgd`. Calling it in train mode runs the rewritten graph of
     the current ``t`` (local layers update their weights as a side effect); in eval mode it runs the
-    original graph. Parameters are the model's own objects; the model is the child ``model``.
+    user's own model. Parameters are the model's own objects; the model is the child ``model``.
+
+    Three parts, each with one job: :attr:`graphs` (a :class:`~localsgd_fx.graphs.GraphCache`: the emitted
+    graph and the runner of each ``t``, compile accounting), :attr:`driver` (a
+    :class:`~localsgd_fx.driver.ScheduleDriver`: epochs, steps, the schedule's decisions, history) and this
+    thin module over both (the rule's rate and guard, the boundary signals, inspection, state).
     """
 
     def __init__(self, model: nn.Module, traced: fx.GraphModule, order: LayerOrder, *, rule: LocalRule,
                  schedule: Schedule, supervision: WeakSupervision, compile: bool | str, max_local: int,
-                 sample_fraction: float, check_finite: bool, total_epochs: int | None):
+                 sample_fraction: float, check_finite: bool, total_epochs: int | None, inplace: bool = False):
         super().__init__()
         self.model = model
         self.supervision = supervision
-        self.rule, self.schedule = rule, schedule
-        self.compile_mode = compile_mode(compile)
+        self.rule = rule
         self.max_local, self.sample_fraction, self.check_finite = max_local, sample_fraction, check_finite
-        self.total_epochs = total_epochs
-        self.transition, self.epoch = 0, 0
-        self.history: list[dict[str, Any]] = []
-        # compile accounting (runtime.CompileClock adds to these): graphs compiled, seconds, events by trigger
-        self.compile_count, self.compile_seconds, self.compile_events = 0, 0.0, {}
-        self.auto_compile: AutoCompile | None = None     # made at the first train step under compile="auto"
-        # step counts for the auto policy's estimate of the steps left at a transition
-        self._steps_this_epoch, self._steps_per_epoch, self._epochs_at_transition = 0, 0, 0
-        #: training steps in an epoch, when the caller knows (the trainer sets it); otherwise the longest
-        #: epoch seen so far, which in the first epoch is only the steps taken yet
-        self.steps_per_epoch: int | None = None
+        self.total_epochs, self.inplace = total_epochs, inplace
         # device-side guard: refused (non-finite) updates per layer, read once per epoch. Made on the model's
         # device, as is the local rate: a model moved to CUDA before compile_localsgd needs no second .to()
         device = next(model.parameters(), torch.empty(0)).device
         self.register_buffer("nonfinite_updates", torch.zeros(len(order), dtype=torch.int32, device=device),
                              persistent=False)
         supervision.to(device)
-        # plain attributes, not submodules: they share the model's modules, and are rebuilt on demand
-        self.__dict__["_traced"] = traced
-        self.__dict__["_order"] = order
-        self.__dict__["_graphs"] = {}       # t -> rewritten GraphModule
-        self.__dict__["_runners"] = {}      # t or _EVAL -> callable (the graph, or a _Runner with its torch.compile)
-        self.__dict__["_epoch_start"] = {}  # layer index -> weight at the start of the epoch
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
-        schedule.bind(len(order), max_local, total_epochs)
-        self._snapshot_sgd_weights()
         # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
         probe_size = getattr(schedule, "probe_size", PLASTICITY_DEFAULT_PROBE_SIZE)
         self.signals = SignalMeter(self, traced, order, schedule.signals, probe_size) if schedule.signals else None
-        if self.signals is not None:
-            self.signals.follow(self.transition)
+        # plain attributes, not submodules: they share the model's modules
+        self.__dict__["graphs"] = GraphCache(traced, order, self._update_spec, compile_mode(compile))
+        self.__dict__["update_norms"] = (UpdateNorms(self._weight) if isinstance(schedule, _READS_UPDATE_NORMS)
+                                         else None)
+        self.__dict__["driver"] = ScheduleDriver(
+            schedule, order, max_local, total_epochs,
+            read_signals=self._read_signals if self.signals is not None else None,
+            read_update_norms=self._read_update_norms if self.update_norms is not None else None,
+            on_move=self._moved)      # bound methods, not closures: a deepcopy or pickle follows its own module
+        self._moved(0)
+        self._snapshot_sgd_weights()
 
     # ----------------------------------------------------------------------------- running
     def forward(self, *args, **kwargs):
         if self._flops_pending:
             self._measure_flops(args, kwargs)
         # the model's own flag too: with inplace=True users call model.eval(), which never reaches this wrapper
-        key = self.transition if self.training and self.model.training else _EVAL
-        if key != _EVAL:
-            self._steps_this_epoch += 1
-            if self.compile_mode == "auto":
-                self._auto_step(key)
-        runner = self._runners.get(key)
-        if runner is None:
-            runner = self._build_runner(key)
+        if not (self.training and self.model.training):
+            return self._user_forward(*args, **kwargs)
+        driver = self.driver
+        driver.step()
+        runner = self.graphs.runner(driver.transition, epoch=driver.epoch, expected_steps=driver.expected_steps())
         # the rewritten graph switches grad mode off for the prefix; restore it even if an update raises
         with torch.set_grad_enabled(torch.is_grad_enabled()):
             return runner(*args, **kwargs)
+
+    def _user_forward(self, *args, **kwargs):
+        """Evaluation runs the user's own model, so it gives exactly the model's outputs whatever its code does
+        with its mode (a traced graph holds the branches taken in train mode)."""
+        if self.inplace:      # model.forward is this wrapper's: call the class's own
+            return type(self.model).forward(self.model, *args, **kwargs)
+        return self.model(*args, **kwargs)
+
+    def capture_step(self, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
+                     autocast_dtype: torch.dtype | None = None, capture: bool = True) -> TrainStep:
+        """A whole training step for your own loop: ``loss, output = step(x, y)`` runs forward (local updates
+        included), ``loss_fn``, backward, ``optimizer.step()`` and :meth:`observe_loss`.
+
+        On a CUDA device each ``t``'s step is recorded once as a CUDA graph after a few eager steps and then
+        replayed (no compiler); elsewhere, and for batches of another size, it runs eagerly. The optimizer must
+        be recordable: ``SGD(..., lr=torch.tensor(lr, device="cuda"), fused=True)`` or Adam/AdamW with
+        ``capturable=True`` (see :mod:`localsgd_fx.capture`).
+        """
+        return TrainStep(self, optimizer, loss_fn, autocast_dtype=autocast_dtype, capture=capture)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Feed the step's training loss to weak supervision (sets the next step's local rate).
@@ -129,7 +147,8 @@ class LocalSGDModule(nn.Module):
         if not any(counts):
             return
         self.nonfinite_updates.zero_()
-        bad = ", ".join(f"layer {self._order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
+        order = self.graphs.order
+        bad = ", ".join(f"layer {order.names[i]!r} ({n} step{'s' * (n != 1)})" for i, n in enumerate(counts) if n)
         advice = "Lower local_lr or check the inputs for inf/NaN"
         if self.rule.key != "hebbian":
             advice += ", or use rule='hebbian' (norm-preserving)"
@@ -137,23 +156,7 @@ class LocalSGDModule(nn.Module):
             f"non-finite local updates were refused in epoch {self.epoch + 1} for {bad}: those weights kept their "
             f"previous values, but the SGD layers and BatchNorm statistics saw the same batches. {advice}.")
 
-    def expected_steps_at_transition(self) -> int:
-        """How many more training steps the current ``t`` is expected to run (for ``compile="auto"``).
-
-        The rest of this epoch, plus whole epochs: all that are left when the schedule cannot move ``t``
-        any more, else as many as ``t`` has lasted already (a run that held ``t`` for k epochs is
-        expected to hold it about k more), never past ``total_epochs``.
-        """
-        per_epoch = self.steps_per_epoch or max(self._steps_per_epoch, self._steps_this_epoch)
-        left_this_epoch = max(0, per_epoch - self._steps_this_epoch)
-        stuck = isinstance(self.schedule, (PlainSGD, Manual)) or self.transition >= self.max_local
-        epochs_left = None if self.total_epochs is None else max(0, self.total_epochs - self.epoch - 1)
-        if stuck:
-            more = epochs_left if epochs_left is not None else max(1, self.epoch)
-        else:
-            more = self._epochs_at_transition if epochs_left is None else min(epochs_left, self._epochs_at_transition)
-        return left_this_epoch + per_epoch * more
-
+    # ---------------------------------------------------------------------------- schedule
     def end_epoch(self, mean_lr: float | None = None) -> int:
         """Run learning-mode selection at the end of an epoch; returns the (possibly new) ``t``.
 
@@ -163,30 +166,10 @@ class LocalSGDModule(nn.Module):
         """
         if self.check_finite:
             self.check_updates()
-        norms = {}
-        for layer in self._order.layers[self.transition:]:
-            start = self._epoch_start.get(layer.index)
-            weight = self._weight(layer.index)
-            norms[layer.index] = float((weight.detach() - start).norm()) if start is not None else 0.0
-        new_t = self.transition
-        if self.schedule.decide_every is None:      # else it decides in maybe_decide
-            stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
-                               max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares(),
-                               signals=self._read_signals(), mean_lr=mean_lr)
-            new_t = int(self.schedule.select(stats))
-        self.epoch += 1
-        before = self.transition
-        if new_t != before:
-            self.set_transition(new_t)
-        self._steps_per_epoch = max(self._steps_per_epoch, self._steps_this_epoch)
-        self._steps_this_epoch = 0
-        self._epochs_at_transition = 0 if self.transition != before else self._epochs_at_transition + 1
-        if self.auto_compile is not None:
-            self.auto_compile.reconsider(self.transition, self)
+        t = self.driver.end_epoch(mean_lr)
+        self.graphs.reconsider(t, epoch=self.driver.epoch, expected_steps=self.driver.expected_steps())
         self._snapshot_sgd_weights()
-        self.history.append({"epoch": self.epoch, "transition_before": before, "transition": self.transition,
-                             "update_norm": norms.get(before), **self.schedule.log_stats()})
-        return self.transition
+        return t
 
     def maybe_decide(self) -> int:
         """Call once after every optimizer step; returns the (possibly new) ``t``.
@@ -195,21 +178,21 @@ class LocalSGDModule(nn.Module):
         reading its signals with one device-to-host copy; other schedules decide in :meth:`end_epoch`
         and this does nothing.
         """
-        return self._decide() if self.schedule.due() else self.transition
+        return self.driver.maybe_decide()
 
-    def _decide(self) -> int:
-        """A decision inside the epoch (``maybe_decide`` found one due)."""
-        stats = EpochStats(epoch=self.epoch, transition=self.transition, num_layers=len(self._order),
-                           max_local=self.max_local, update_norms={}, flop_shares=self._order.flop_shares(),
-                           signals=self._read_signals())
-        before = self.transition
-        new_t = int(self.schedule.select(stats))
-        if new_t != before:
-            self.set_transition(new_t)
-            self._epochs_at_transition = 0
-        self.history.append({"epoch": self.epoch + 1, "step": self._steps_this_epoch, "transition_before": before,
-                             "transition": self.transition, **self.schedule.log_stats()})
-        return self.transition
+    def set_transition(self, t: int, *, force: bool = False) -> None:
+        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
+        self.driver.set_transition(t, force=force)
+
+    def _moved(self, t: int) -> None:
+        if self.signals is not None:
+            self.signals.follow(t)
+
+    def _read_signals(self, t: int) -> dict[str, float | None]:
+        return self.signals.read(t, self.model)
+
+    def _read_update_norms(self, t: int) -> dict[int, float]:
+        return self.update_norms.read(range(t, len(self.graphs.order)))
 
     def set_probe(self, *inputs: torch.Tensor) -> None:
         """Fix the probe batch of the plasticity signal: the first ``probe_size`` rows of these inputs (by
@@ -219,36 +202,35 @@ class LocalSGDModule(nn.Module):
                                 f"{type(self.schedule).__name__}")
         self.signals.set_probe(*inputs)
 
-    def _read_signals(self) -> dict[str, float | None]:
-        if self.signals is None or self.transition >= self.max_local:   # nothing left to decide
-            return {}
-        return self.signals.read(self.transition, self.model)
+    def expected_steps_at_transition(self) -> int:
+        """How many more training steps the current ``t`` is expected to run (see
+        :meth:`~localsgd_fx.driver.ScheduleDriver.expected_steps`)."""
+        return self.driver.expected_steps()
 
-    def set_transition(self, t: int, *, force: bool = False) -> None:
-        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
-        check_transition(self._order, t)
-        if t < self.transition and not force:
-            raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
-                                "never back. Pass force=True to move backwards anyway.")
-        self.transition = t
-        if self.signals is not None:
-            self.signals.follow(t)
+    # what the driver owns, reached through the module (t moves only by set_transition)
+    schedule = property(lambda self: self.driver.schedule, doc="The learning-mode selector.")
+    transition = property(lambda self: self.driver.transition, doc="``t``: layers ``0..t-1`` are local.")
+    epoch = _driven("epoch", "Epochs completed (``end_epoch`` calls).")
+    history = _driven("history", "One record per decision: epoch, t before and after, the schedule's statistics.")
+    steps_per_epoch = _driven("epoch_length", "Training steps in an epoch, when the caller knows (the trainer "
+                                              "sets it before the first step); None: the longest epoch seen.")
 
     # ------------------------------------------------------------------------- inspection
     @property
     def layers(self) -> list[tuple[str, float | None]]:
         """``[(layer name, FLOP share), ...]`` in topological order."""
-        shares = self._order.flop_shares() or [None] * len(self._order)
-        return list(zip(self._order.names, shares))
+        order = self.graphs.order
+        shares = order.flop_shares() or [None] * len(order)
+        return list(zip(order.names, shares))
 
     @property
     def layer_order(self) -> LayerOrder:
-        return self._order
+        return self.graphs.order
 
     @property
     def local_fraction(self) -> float | None:
         """``p``: FLOP fraction of the layers that are local now (None before shapes are known)."""
-        return self._order.local_fraction(self.transition)
+        return self.graphs.order.local_fraction(self.transition)
 
     @property
     def speed_bound(self) -> float | None:
@@ -259,16 +241,29 @@ class LocalSGDModule(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         """The rewritten GraphModule of the current transition."""
-        return self.graph_for(self.transition)
+        return self.graphs.graph(self.transition)
 
     def graph_for(self, t: int) -> fx.GraphModule:
         """The rewritten GraphModule for transition ``t`` (cached)."""
-        if t not in self._graphs:
-            spec = LocalUpdateSpec(op=LOCAL_UPDATE, lr=self.supervision.lr, rule=self.rule.key,
-                                   sample_fraction=self.sample_fraction,
-                                   nonfinite=self.nonfinite_updates if self.check_finite else None)
-            self._graphs[t] = self._traced if t == 0 else rewrite(self._traced, self._order, t, spec)
-        return self._graphs[t]
+        return self.graphs.graph(t)
+
+    compile_mode = property(lambda self: self.graphs.mode)
+    compile_seconds = property(lambda self: self.graphs.account.seconds)
+    compile_events = property(lambda self: self.graphs.account.events)
+
+    @property
+    def compile_count(self) -> int:
+        """Graphs ``torch.compile`` built for this model (one per distinct ``t`` and batch size compiled)."""
+        return self.graphs.account.graphs
+
+    def is_compiled(self, t: int) -> bool:
+        """Whether training steps at ``t`` run a compiled graph (now, for the batch size it was built for)."""
+        return self.graphs.is_compiled(t)
+
+    @property
+    def compile_decisions(self) -> list:
+        """The choices ``compile="auto"`` made, with their figures (:class:`~localsgd_fx.runtime.CompileDecision`)."""
+        return self.graphs.decisions
 
     def stats(self) -> dict[str, Any]:
         """Per-epoch figures for logging: t, local FLOP fraction, schedule statistics, local rate."""
@@ -278,27 +273,19 @@ class LocalSGDModule(nn.Module):
                 "compile_seconds": self.compile_seconds, "compiled": self.is_compiled(self.transition),
                 **self.schedule.log_stats()}
 
-    def is_compiled(self, t: int) -> bool:
-        """Whether training steps at ``t`` run a compiled graph (now, for the batch size it was built for)."""
-        runner = self._runners.get(t)
-        return isinstance(runner, _Runner) and runner.compiled is not None
-
-    @property
-    def compile_decisions(self) -> list:
-        """The choices ``compile="auto"`` made, with their figures (:class:`~localsgd_fx.runtime.CompileDecision`)."""
-        return list(self.auto_compile.decisions) if self.auto_compile is not None else []
-
     def explain(self, *, print_fn: Callable[[str], None] | None = print) -> str:
         """The per-layer map, the local FLOP fraction, the 3/(3-p) bound and compile figures."""
-        p, bound = self.local_fraction, self.speed_bound
+        p, bound, order = self.local_fraction, self.speed_bound, self.graphs.order
         text = "\n".join([
-            f"{type(self.model).__name__}: {len(self._order)} layers, transition t={self.transition}, "
+            f"{type(self.model).__name__}: {len(order)} layers, transition t={self.transition}, "
             f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
-            format_table(layer_rows(self._order, self.transition), LAYER_COLUMNS),
+            format_table(layer_rows(order, self.transition), LAYER_COLUMNS),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
             f"CUDA-graph recording); compile={self.compile_mode!r}",
+            *([f"recorded steps: {self.graphs.account.captures} ({self.graphs.account.capture_seconds:.2f} s of "
+               "warm-up steps and recording)"] if self.graphs.account.captures else []),
             *(d.line() for d in self.compile_decisions),
         ])
         if print_fn is not None:
@@ -307,45 +294,46 @@ class LocalSGDModule(nn.Module):
 
     # ----------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "layers": self._order.names, "shapes": self._layer_shapes(),
-                "transition": self.transition,
-                "epoch": self.epoch, "schedule": self.schedule.state_dict(), "history": list(self.history),
-                "epoch_start": {i: w.clone() for i, w in self._epoch_start.items()}}
+        start = self.update_norms.start if self.update_norms is not None else {}
+        return {"version": STATE_VERSION, "layers": self.graphs.order.names, "shapes": self._layer_shapes(),
+                **self.driver.state_dict(), "epoch_start": {i: w.clone() for i, w in start.items()}}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        order = self.graphs.order
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise LocalSGDError(f"checkpoint LocalSGD state has version {getattr(state, 'get', lambda k: None)('version')!r}, "
                                 f"this library reads version {STATE_VERSION}; it was written by another release.")
-        if list(state["layers"]) != self._order.names:
+        if list(state["layers"]) != order.names:
             raise LocalSGDError("checkpoint was written for a model with other layers "
                                 f"({len(state['layers'])} layers, first {state['layers'][:3]}) than this one "
-                                f"({len(self._order)} layers, first {self._order.names[:3]}); build the same model.")
+                                f"({len(order)} layers, first {order.names[:3]}); build the same model.")
         if state.get("shapes") != self._layer_shapes():
             mismatch = next(f"{n}: checkpoint {a}, model {b}" for n, a, b in
-                            zip(self._order.names, state.get("shapes") or [None] * len(self._order), self._layer_shapes())
+                            zip(order.names, state.get("shapes") or [None] * len(order), self._layer_shapes())
                             if a != b)
             raise LocalSGDError(f"checkpoint layer shapes differ from this model's ({mismatch}); build the same model "
                                 "with the same widths.")
-        # everything is checked: apply (the schedule first, it validates its own state)
-        self.schedule.load_state_dict(state["schedule"])
-        self.set_transition(int(state["transition"]), force=True)
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        device = self.supervision.lr.device
-        self._epoch_start.clear()
-        self._epoch_start.update({int(i): w.to(device) for i, w in state["epoch_start"].items()})
+        self.driver.load_state_dict(state)      # everything is checked: apply
+        if self.update_norms is not None:
+            device = self.supervision.lr.device
+            self.update_norms.start = {int(i): w.to(device) for i, w in state["epoch_start"].items()}
 
     # ----------------------------------------------------------------------- internals
+    def _update_spec(self) -> LocalUpdateSpec:
+        """The fused node's constant arguments (read at each emission: ``.to()`` replaces the tensors)."""
+        return LocalUpdateSpec(op=LOCAL_UPDATE, lr=self.supervision.lr, rule=self.rule.key,
+                               sample_fraction=self.sample_fraction,
+                               nonfinite=self.nonfinite_updates if self.check_finite else None)
+
     def _layer_shapes(self) -> list[list[int]]:
-        return [list(self._weight(i).shape) for i in range(len(self._order))]
+        return [list(self._weight(i).shape) for i in range(len(self.graphs.order))]
 
     def _weight(self, index: int) -> torch.Tensor:
-        return self._traced.get_submodule(self._order.layers[index].name).weight
+        return self.graphs.traced.get_submodule(self.graphs.order.layers[index].name).weight
 
     def _snapshot_sgd_weights(self) -> None:
-        self._epoch_start.clear()
-        for layer in self._order.layers[self.transition:]:
-            self._epoch_start[layer.index] = self._weight(layer.index).detach().clone()
+        if self.update_norms is not None:
+            self.update_norms.snapshot(range(self.transition, len(self.graphs.order)))
 
     def _measure_flops(self, args, kwargs) -> None:
         """Count FLOPs from the first call's inputs (one extra eval-mode forward, once)."""
@@ -354,78 +342,28 @@ class LocalSGDModule(nn.Module):
             warnings.warn("FLOP shares need positional inputs: pass example_inputs=(...) to compile_localsgd; "
                           "local_fraction and speed_bound stay unknown", stacklevel=3)
             return
-        self.__dict__["_order"] = find_layers(self._traced, args)   # propagates shapes once
-
-    def _device_type(self) -> str:
-        return self.supervision.lr.device.type
-
-    def _auto_step(self, t: int) -> None:
-        """``compile="auto"``: let the policy time this step and switch ``t``'s runner when it decides."""
-        if self.auto_compile is None:
-            device = self._device_type()
-            self.auto_compile = AutoCompile(device, "reduce-overhead" if device == "cuda" else "on")
-        choice = self.auto_compile.before_step(t, self)
-        if choice == "compile" and not self.is_compiled(t):
-            self._build_runner(t, compile=self.auto_compile.mode)
-            self.auto_compile.compiled(t, self)
-        elif choice == "eager" and self.is_compiled(t):      # measured no faster than eager: drop it
-            self._runners[t] = self.graph_for(t)
-
-    def _build_runner(self, key: int | str, compile: str | None = None) -> Callable:
-        """The callable for a runner key. Eval mode always runs the untouched graph eagerly: evaluation is a
-        small share of a run, and compiling it would cost a graph per evaluation batch shape."""
-        if key == _EVAL:
-            self._runners[key] = self._traced
-            return self._traced
-        graph = self.graph_for(key)
-        mode = compile or self.compile_mode
-        if mode in ("off", "auto"):     # auto: eager until AutoCompile says compiling pays
-            self._runners[key] = graph
-            return graph
-        self.compile_count += 1
-        runner = self._runners[key] = _Runner(self, graph, torch_compile(graph, mode))
-        return runner
+        order = find_layers(self.graphs.traced, args)   # propagates shapes once
+        self.graphs.order = self.driver.order = order
 
     def _apply(self, fn, recurse=True):
         # moving/casting may replace tensors (buffers always, the local rate among them): point the traced
         # graph's own attributes back at the model's, and drop emitted graphs holding stale references
         result = super()._apply(fn, recurse)
-        for name, _ in [*self._traced.named_parameters(remove_duplicate=False),
-                        *self._traced.named_buffers(remove_duplicate=False)]:
+        traced = self.graphs.traced
+        for name, _ in [*traced.named_parameters(remove_duplicate=False),
+                        *traced.named_buffers(remove_duplicate=False)]:
             owner_name, _, attr = name.rpartition(".")
-            owner = self._traced.get_submodule(owner_name)
+            owner = traced.get_submodule(owner_name)
             if attr in owner._parameters:
                 owner._parameters[attr] = self.model.get_parameter(name)
             else:
                 owner._buffers[attr] = self.model.get_buffer(name)
-        self._graphs.clear()
-        self._runners.clear()
+        self.graphs.retarget()
         return result
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_graphs"], state["_runners"] = {}, {}   # compiled callables do not copy or pickle
-        state["auto_compile"] = None
-        return state
 
-
-class _Runner:
-    """A compiled graph, specialised to the batch size of its first call; other sizes (a partial last
-    batch) run the eager graph rather than compile another one."""
-
-    __slots__ = ("owner", "graph", "compiled", "batch")
-
-    def __init__(self, owner: LocalSGDModule, graph: fx.GraphModule, compiled: Callable):
-        self.owner, self.graph, self.compiled, self.batch = owner, graph, compiled, None
-
-    def __call__(self, *args, **kwargs):
-        size = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
-        if self.batch is None:
-            self.batch = size
-        elif size != self.batch:
-            return self.graph(*args, **kwargs)
-        CompileClock.active(self.owner)    # compiles triggered from here on (this forward, its backward) are ours
-        return self.compiled(*args, **kwargs)
+#: schedules that read the SGD layers' update norms at an epoch end (a user policy may read them too)
+_READS_UPDATE_NORMS = (Dynamic, PolicySchedule)
 
 
 def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, schedule: str | Schedule | Callable = "dynamic",
@@ -488,7 +426,7 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
         raise ValueError(f"max_local must be an int in 0..{n} (this model has {n} layers), got {max_local!r}")
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
-                            check_finite=check_finite, total_epochs=total_epochs)
+                            check_finite=check_finite, total_epochs=total_epochs, inplace=inplace)
     if inplace:
         model.forward = module.forward
     return module

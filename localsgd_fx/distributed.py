@@ -292,7 +292,7 @@ class LocalSGDDataParallel(nn.Module):
         self.finish_step()
         self.sync_buffers()
         with self._signals_on_replicas():
-            return lm._decide()
+            return lm.driver.decide()
 
     @contextlib.contextmanager
     def _signals_on_replicas(self, epoch_end: bool = False) -> Iterator[None]:

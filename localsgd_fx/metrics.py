@@ -24,6 +24,9 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
 ``cuda_peak_mb``          ``torch.cuda.max_memory_allocated`` over the epoch; empty on CPU
 ``compile_s``             seconds torch spent compiling during the epoch: forward and backward
                           graphs, recompiles and CUDA-graph recording (dynamo's compile callbacks)
+``capture_s``             seconds of warm-up steps and CUDA-graph recording of whole training steps
+                          during the epoch (a GPU run under ``compile="auto"``/``"capture"``: one
+                          recording per transition); 0 elsewhere
 ``compile_cache_hits``    graphs loaded from torch's compile caches instead of compiled (reuse
                           across runs and resumes)
 ``compiled``              whether the epoch's transition ran a compiled graph at the epoch's end
@@ -58,10 +61,11 @@ from .atomic import atomic_write_text
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size", "replica_max_abs_diff")
+           "compile_s", "capture_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size", "replica_max_abs_diff")
 #: Columns that measure the machine (they differ between otherwise identical runs): time, and the CUDA
 #: peak, which depends on what the process's allocator and cuBLAS/cuDNN workspaces already hold.
-MEASURED_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s", "cuda_peak_mb")
+MEASURED_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s", "capture_s",
+                    "cuda_peak_mb")
 
 __all__ = ["COLUMNS", "MEASURED_COLUMNS", "columns_of", "write_metrics", "SavedActivationMeter", "format_table"]
 

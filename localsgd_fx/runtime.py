@@ -4,23 +4,24 @@
 - :data:`COMPILE_MODES` / :func:`compile_mode` — the one compile vocabulary (API, CLI, benchmarks):
   ``"off"`` eager; ``"on"`` ``torch.compile`` (inductor); ``"reduce-overhead"`` ``torch.compile`` with
   CUDA graphs (the whole forward and backward of a step replayed as one launch each); ``"auto"``
-  compiles a transition's graph only when the measured saving pays for the compile (:class:`AutoCompile`).
+  compiles a transition's graph only when the measured saving pays for the compile (:class:`AutoCompile`);
+  ``"capture"`` records whole training steps as CUDA graphs, no compiler (:mod:`localsgd_fx.capture`: the
+  trainer's step, and ``model.capture_step`` for your own loop; ``auto`` in the trainer on a GPU uses it).
 - :class:`CompileClock` — every second torch spends compiling (the forward when dynamo traces it, the
   backward when autograd first needs it, CUDA-graph recording) is charged to the module that triggered it.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileClock",
-           "AutoCompile", "CompileDecision"]
+__all__ = ["COMPILE_MODES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileAccount",
+           "CompileClock", "AutoCompile", "CompileDecision"]
 
-COMPILE_MODES = ("auto", "off", "on", "reduce-overhead")
+COMPILE_MODES = ("auto", "off", "on", "reduce-overhead", "capture")
 
 
 def compile_mode(value: bool | str) -> str:
@@ -54,27 +55,45 @@ def torch_compile(fn: Callable, mode: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------------ accounting
+@dataclass
+class CompileAccount:
+    """What torch spent compiling (and recording CUDA graphs) for one model: the figures ``explain()``,
+    the metrics and the summary report."""
+
+    seconds: float = 0.0
+    events: dict[str, int] = field(default_factory=dict)   # dynamo's trigger name -> count
+    #: whole steps recorded as CUDA graphs (:class:`~localsgd_fx.capture.TrainStep`), and the seconds their
+    #: warm-up steps and recordings took
+    captures: int = 0
+    capture_seconds: float = 0.0
+
+    @property
+    def graphs(self) -> int:
+        """Forward graphs dynamo compiled (each one's backward compiles lazily and is not counted again)."""
+        return self.events.get("DYNAMO", 0)
+
+
 class CompileClock:
-    """Charges torch's compile time to whoever is :meth:`active` (a module sets itself before its
-    compiled graph runs; the lazy backward compile follows its forward, so it lands on the same owner).
+    """Charges torch's compile time to whichever :class:`CompileAccount` is :meth:`active` (a runner sets
+    its model's account before its compiled graph runs; the lazy backward compile follows its forward, so it
+    lands on the same account).
 
     Uses dynamo's compile callbacks, which bracket dynamo tracing, the lazily compiled backward and
-    CUDA-graph recording. ``owner.compile_seconds`` (float) and ``owner.compile_events`` (dict:
-    trigger name -> count) are incremented.
+    CUDA-graph recording.
     """
 
-    _owner: Any = None
+    _account: CompileAccount | None = None
     _started: float | None = None
 
     @classmethod
-    def active(cls, owner: Any) -> None:
-        """Charge compiles from now on to ``owner`` (registering the callbacks again if
+    def active(cls, account: CompileAccount) -> None:
+        """Charge compiles from now on to ``account`` (registering the callbacks again if
         ``torch._dynamo.reset()`` cleared them)."""
         from torch._dynamo.callback import callback_handler
         if cls._start not in callback_handler.start_callbacks:
             callback_handler.register_start_callback(cls._start)
             callback_handler.register_end_callback(cls._end)
-        cls._owner = owner
+        cls._account = account
 
     @classmethod
     def _start(cls, *args: Any) -> None:
@@ -82,13 +101,13 @@ class CompileClock:
 
     @classmethod
     def _end(cls, *args: Any) -> None:
-        if cls._started is None or cls._owner is None:
+        if cls._started is None or cls._account is None:
             return
-        owner, elapsed = cls._owner, time.perf_counter() - cls._started
+        account, elapsed = cls._account, time.perf_counter() - cls._started
         cls._started = None
         trigger = getattr(getattr(args[0], "callback_trigger", None), "name", "DYNAMO") if args else "DYNAMO"
-        owner.compile_seconds += elapsed
-        owner.compile_events[trigger] = owner.compile_events.get(trigger, 0) + 1
+        account.seconds += elapsed
+        account.events[trigger] = account.events.get(trigger, 0) + 1
 
 
 def compile_cache_hits() -> int:
@@ -138,17 +157,24 @@ class AutoCompile:
     once a graph has been compiled. A compiled graph is timed the same way; if it is not faster
     than eager the transition goes back to eager for good. Undecided or "eager" transitions are
     re-examined at every epoch end (the longer ``t`` stays, the more steps are expected there).
+
+    The policy is told numbers (the epoch, the steps expected at ``t``, the compile seconds spent so far)
+    and answers with a choice; it holds no reference to a model.
     """
 
     WARMUP, WINDOW = 3, 10
     #: compiled/eager step ratio assumed before any measurement: CUDA graphs measured 0.38x (ResNet-20)
     #: to 0.69x (ResNet-50, bf16) of eager on an H100, so 0.7 is the cautious end; on a CPU nothing is
-    #: assumed to be gained.
+    #: assumed to be gained, so a CPU never compiles on priors alone.
     PRIOR_RATIO = {"cuda": 0.7, "cpu": 1.0}
     #: seconds to compile one transition's forward + backward before any measurement (H100, CUDA graphs
     #: included: ~15 s ResNet-20, ~40 s ResNet-50 at 64x64)
     PRIOR_COMPILE_S = 30.0
     MIN_GAIN = 0.98     # a compiled graph must be at least 2 % faster than eager to be kept
+
+    #: what :meth:`before_step` answers in each phase of a transition
+    _ANSWER = {"measure-eager": "eager", "eager": "eager", "wants-compile": "compile", "measure-compiled": "compiled",
+               "compiled": "compiled"}
 
     def __init__(self, device_type: str, mode: str = "reduce-overhead"):
         self.mode = mode
@@ -156,75 +182,81 @@ class AutoCompile:
         self.ratio = self.PRIOR_RATIO.get(device_type, 1.0)
         self.compile_s = self.PRIOR_COMPILE_S
         self.decisions: list[CompileDecision] = []
-        self._state: dict[int, dict[str, Any]] = {}
+        self._state: dict[int, _Transition] = {}
 
-    # the module calls these -------------------------------------------------------------------
-    def before_step(self, t: int, owner: Any) -> str:
-        """Advance ``t``'s measurement by one step; returns ``"eager"``, ``"compile"`` or ``"compiled"``."""
-        st = self._state.setdefault(t, {"phase": "eager", "steps": 0, "eager_s": None, "compiled_s": None})
-        st["steps"] += 1
-        phase = st["phase"]
-        if phase in ("eager", "compiled-measure"):
-            n = st["steps"]
-            if n == self.WARMUP + 1:
+    def before_step(self, t: int, *, epoch: int, expected_steps: int, compile_seconds: float) -> str:
+        """Advance ``t``'s measurement by one step; returns ``"eager"``, ``"compile"`` or ``"compiled"``.
+
+        ``expected_steps``: training steps ``t`` is expected to run from here; ``compile_seconds``: the
+        model's compile seconds so far (what a compile cost is read from)."""
+        st = self._state.setdefault(t, _Transition())
+        st.steps += 1
+        if st.phase in ("measure-eager", "measure-compiled"):
+            if st.steps == self.WARMUP + 1:
                 self._sync()
-                st["clock"], st["seconds0"] = time.perf_counter(), owner.compile_seconds
-            elif n == self.WARMUP + self.WINDOW + 1:
+                st.clock = time.perf_counter()
+            elif st.steps == self.WARMUP + self.WINDOW + 1:
                 self._sync()
-                per_step = (time.perf_counter() - st["clock"]) / self.WINDOW
-                if phase == "eager":
-                    st["eager_s"] = per_step
-                    self._decide(t, owner, st)
+                per_step = (time.perf_counter() - st.clock) / self.WINDOW
+                if st.phase == "measure-eager":
+                    st.eager_s = per_step
+                    self._decide(t, st, epoch, expected_steps)
                 else:
-                    self._judge_compiled(t, owner, st, per_step)
-        return {"eager": "eager", "final-eager": "eager", "wants-compile": "compile"}.get(st["phase"], "compiled")
+                    self._judge_compiled(t, st, epoch, per_step, compile_seconds - st.compile_seconds0)
+        return self._ANSWER[st.phase]
 
-    def compiled(self, t: int, owner: Any) -> None:
-        """The module built ``t``'s compiled graph; measure it from the next step on."""
+    def compiled(self, t: int, compile_seconds: float) -> None:
+        """``t``'s compiled graph was built; measure it from the next step on."""
         st = self._state[t]
-        st.update(phase="compiled-measure", steps=0, compile_seconds0=owner.compile_seconds)
+        st.phase, st.steps, st.compile_seconds0 = "measure-compiled", 0, compile_seconds
 
-    def reconsider(self, t: int, owner: Any) -> None:
+    def reconsider(self, t: int, *, epoch: int, expected_steps: int) -> None:
         """At an epoch end: an eager ``t`` whose expected remaining steps grew may now pay."""
         st = self._state.get(t)
-        if st is not None and st["phase"] == "final-eager" and st.get("eager_s") and not st.get("fell_back"):
-            self._decide(t, owner, st)
+        if st is not None and st.phase == "eager" and st.eager_s and not st.fell_back:
+            self._decide(t, st, epoch, expected_steps)
 
-    # internals --------------------------------------------------------------------------------
+    def forget_graphs(self) -> None:
+        """The compiled graphs were dropped (the model moved or changed dtype): every transition is measured
+        again; what was learnt about ratios and compile costs is kept."""
+        self._state.clear()
+
     def _sync(self) -> None:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
 
-    def _decide(self, t: int, owner: Any, st: dict[str, Any]) -> None:
-        remaining = owner.expected_steps_at_transition()
-        saving = remaining * st["eager_s"] * (1.0 - self.ratio)
+    def _decide(self, t: int, st: "_Transition", epoch: int, remaining: int) -> None:
+        saving = remaining * st.eager_s * (1.0 - self.ratio)
         pays = saving > self.compile_s
-        st["phase"] = "wants-compile" if pays else "final-eager"
-        previous = st.get("decision")
-        if previous is None or previous.choice != ("compile" if pays else "eager"):
-            st["decision"] = CompileDecision(owner.epoch + 1, t, "compile" if pays else "eager", 1e3 * st["eager_s"],
-                                             remaining, saving, self.compile_s)
-            self.decisions.append(st["decision"])
+        st.phase = "wants-compile" if pays else "eager"
+        choice = "compile" if pays else "eager"
+        if st.decision is None or st.decision.choice != choice:
+            st.decision = CompileDecision(epoch + 1, t, choice, 1e3 * st.eager_s, remaining, saving, self.compile_s)
+            self.decisions.append(st.decision)
 
-    def _judge_compiled(self, t: int, owner: Any, st: dict[str, Any], per_step: float) -> None:
-        compile_s = owner.compile_seconds - st["compile_seconds0"]
-        self.ratio = per_step / st["eager_s"]
+    def _judge_compiled(self, t: int, st: "_Transition", epoch: int, per_step: float, compile_s: float) -> None:
+        self.ratio = per_step / st.eager_s
         if compile_s > 0:
             self.compile_s = compile_s
-        decision = st["decision"]
+        decision = st.decision
         decision.compiled_ms, decision.compile_s = 1e3 * per_step, compile_s
-        if per_step < self.MIN_GAIN * st["eager_s"]:
-            st["phase"] = "compiled"
+        if per_step < self.MIN_GAIN * st.eager_s:
+            st.phase = "compiled"
             return
-        st["phase"], st["fell_back"] = "final-eager", True
-        self.decisions.append(CompileDecision(owner.epoch + 1, t, "fallback", 1e3 * st["eager_s"], decision.expected_steps,
+        st.phase, st.fell_back = "eager", True
+        self.decisions.append(CompileDecision(epoch + 1, t, "fallback", 1e3 * st.eager_s, decision.expected_steps,
                                               decision.expected_saving_s, decision.expected_compile_s,
                                               1e3 * per_step, compile_s))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "compile_s": self.compile_s}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ratio, cost = float(state.get("ratio", self.ratio)), float(state.get("compile_s", self.compile_s))
-        if math.isfinite(ratio) and math.isfinite(cost):
-            self.ratio, self.compile_s = ratio, cost
+@dataclass
+class _Transition:
+    """What :class:`AutoCompile` knows of one transition."""
+
+    phase: str = "measure-eager"     # -> "eager" | "wants-compile" -> "measure-compiled" -> "compiled" | "eager"
+    steps: int = 0
+    clock: float = 0.0
+    eager_s: float | None = None
+    compile_seconds0: float = 0.0
+    fell_back: bool = False
+    decision: CompileDecision | None = None

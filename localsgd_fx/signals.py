@@ -11,6 +11,10 @@
   tensor (non-finite norms are skipped); a decision reads the mean since the previous one. Per step
   this is two tensor ops and no host read.
 
+:class:`UpdateNorms` measures what the dynamic schedule (Algorithm 1) reads at an epoch end: each SGD
+layer's net update over the epoch, ``||W_end - W_start||``, from a snapshot taken at the epoch start,
+for every SGD layer in one device-to-host copy.
+
 Values are read with one device-to-host copy per decision (:meth:`SignalMeter.read`). The state
 (probe, reference output, partial sums) is the meter's ``extra_state``, so a resumed run makes the
 same decisions.
@@ -28,7 +32,7 @@ from passes.layers import LayerOrder
 
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE
 
-__all__ = ["SIGNALS", "SignalMeter"]
+__all__ = ["SIGNALS", "SignalMeter", "UpdateNorms"]
 
 SIGNALS = ("plasticity", "grad_norm")
 
@@ -226,3 +230,29 @@ def _standardised(y: Tensor, linear: bool) -> Tensor:
     y = y.reshape(y.shape[0], -1)
     y = y - y.mean(1, keepdim=True)
     return y / torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class UpdateNorms:
+    """``||W_end - W_start||`` per SGD layer over an epoch, for the schedules that read update norms.
+
+    Args:
+        weights: ``index -> weight`` of every layer (a callable: ``.to()`` may replace the tensors).
+    """
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.start: dict[int, Tensor] = {}     # layer index -> weight at the start of the epoch
+
+    def snapshot(self, layers: range) -> None:
+        """Remember the weights of ``layers`` (the SGD layers at the epoch start)."""
+        self.start = {i: self.weights(i).detach().clone() for i in layers}
+
+    @torch.no_grad()
+    def read(self, layers: range) -> dict[int, float]:
+        """The norms of ``layers``' updates since the snapshot (0 for a layer without one); one host read."""
+        known = [i for i in layers if i in self.start]
+        # each norm in its weight's dtype (as a float() of it would be), gathered in float64 for one copy
+        norms = (torch.stack([torch.linalg.vector_norm(self.weights(i).detach() - self.start[i]).double()
+                              for i in known]).tolist() if known else [])
+        values = dict(zip(known, norms))
+        return {i: values.get(i, 0.0) for i in layers}

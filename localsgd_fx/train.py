@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 import models_zoo
 from passes.errors import LocalSGDError
 
+from .capture import TrainStep
 from .api import DEFAULT_LOCAL_LR, DEFAULT_RULE, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .atomic import atomic_write_text
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
@@ -374,17 +375,29 @@ class Trainer:
         self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
                                device=self.device, drop_last=tiny_tail, **shards)
         schedule = make_schedule(config.schedule, **schedule_kwargs(config, len(self.batches)))
+        # a GPU run under compile="auto" records each t's whole step as a CUDA graph (no compiler in the loop),
+        # where a recording can work: one process, no fp16 gradient scaler
+        capture = config.compile == "capture" or (config.compile == "auto" and self.device.type == "cuda"
+                                                  and self.world_size == 1 and config.amp != "fp16")
         self.model = compile_localsgd(
             net, rule=config.rule, schedule=schedule,
             local_lr=config.local_lr, weak_supervision=config.weak_supervision, max_local=config.max_local,
-            compile=config.compile, total_epochs=config.epochs, sample_fraction=config.sample_fraction)
+            compile="capture" if capture else config.compile, total_epochs=config.epochs,
+            sample_fraction=config.sample_fraction)
         amp_dtype = AMP_DTYPES[config.amp]
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
-        self.optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        recordable = capture and self.device.type == "cuda"
+        # a recorded step reads the learning rate from a device tensor (the scheduler fills it in place)
+        lr = torch.tensor(config.lr, device=self.device) if recordable else config.lr
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay, **({"fused": True} if recordable else {}))
+        self.step = TrainStep(self.model, self.optimizer, F.cross_entropy, autocast_dtype=amp_dtype,
+                              scaler=self.scaler, capture=capture,
+                              forward=self.data_parallel if self.data_parallel is not None else self.model,
+                              log=self.log)
         self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
                                     **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())
@@ -415,11 +428,14 @@ class Trainer:
         t = t_now = lm.transition
         segments: list[tuple[int, int]] = []     # (t, steps) of each stretch of the epoch at one transition
         segment_start = 0
-        compile_before, decisions_before, hits_before = lm.compile_seconds, len(lm.compile_decisions), compile_cache_hits()
+        account = lm.graphs.account
+        compile_before, capture_before = account.seconds, account.capture_seconds
+        decisions_before, hits_before = len(lm.compile_decisions), compile_cache_hits()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         steps = lm.steps_per_epoch = len(self.batches)   # compile="auto" needs it in the first epoch already
         follow_lr = cfg.local_lr_schedule == "follow" and lm.rule.updates
+        lr_at = self._lr_factor()
         lr_sum = 0.0
         meter_step = min(1, steps - 1)
         meter = SavedActivationMeter()
@@ -435,31 +451,23 @@ class Trainer:
         # (and once per decision by a schedule that decides every K steps)
         for i, (x, y) in enumerate(self.batches.epoch(self.epoch)):
             x = x.contiguous(memory_format=channels_last)
-            measure = i == meter_step and not lm.is_compiled(t_now)   # hooks do not see inside compiled graphs
-            with meter if measure else contextlib.nullcontext(), self.autocast():
-                out = step_model(x)
-                loss = F.cross_entropy(out, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is None:
-                loss.backward()
-                self.optimizer.step()
-            else:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            lr_sum += self.optimizer.param_groups[0]["lr"]     # the rate this step used (a Python float)
+            k = self.lr_scheduler.last_epoch                 # steps taken so far: this one runs at lr(k)
+            lr_sum += cfg.lr * lr_at(k)                      # host-side: the optimizer's rate may be a device tensor
+            if follow_lr:       # the step's observe_loss sets the next local rate, which follows the next SGD rate
+                lm.supervision.set_rate_factor(lr_at(k + 1))
+            # hooks do not see inside compiled or recorded graphs
+            measure = i == meter_step and not lm.is_compiled(t_now) and not self.step.is_recorded(t_now)
+            with meter if measure else contextlib.nullcontext():
+                loss, out = self.step(x, y)
             self.lr_scheduler.step()
-            if follow_lr:
-                lm.supervision.set_rate_factor(self.optimizer.param_groups[0]["lr"] / cfg.lr)
-            step_model.observe_loss(loss.detach())
             if step_model.maybe_decide() != t_now:      # a schedule deciding every K steps moved the boundary
                 segments.append((t_now, i + 1 - segment_start))
                 t_now, segment_start = lm.transition, i + 1
-            loss_sum += loss.detach() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += loss * len(y)
+            correct += (out.argmax(1) == y).sum()
             seen += len(y)
             for cb in self.callbacks:
-                _call(cb, "on_step_end", self, i, loss.detach())
+                _call(cb, "on_step_end", self, i, loss)
             if not bar.disable and (i % 10 == 0 or i == steps - 1):
                 shown = progress.push(loss_sum, correct, seen)
                 if shown is not None:
@@ -492,9 +500,10 @@ class Trainer:
             "mean_step_ms": 1000 * train_time / steps,
             "saved_activation_mb": meter.megabytes if meter.bytes else None,
             "cuda_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None,
-            "compile_s": lm.compile_seconds - compile_before, "compiled": compiled,
+            "compile_s": account.seconds - compile_before, "compiled": compiled,
+            "capture_s": account.capture_seconds - capture_before,
             "compile_cache_hits": compile_cache_hits() - hits_before,
-            "lr": self.optimizer.param_groups[0]["lr"], "local_lr": stats["local_lr"],
+            "lr": cfg.lr * lr_at(self.lr_scheduler.last_epoch), "local_lr": stats["local_lr"],
             "world_size": self.world_size, "replica_max_abs_diff": replica_max_abs_diff(lm),
             **{f"sched_{k}": v for k, v in lm.schedule.log_stats().items()},
         }

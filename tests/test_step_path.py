@@ -183,71 +183,61 @@ def test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t():
         torch.testing.assert_close(net[layer].weight.detach(), twin[layer].weight.detach(), rtol=1e-5, atol=1e-6)
 
 
-class FakeOwner:
-    """What AutoCompile reads from a LocalSGDModule."""
-
-    def __init__(self, remaining: int):
-        self.remaining, self.compile_seconds, self.epoch = remaining, 0.0, 0
-
-    def expected_steps_at_transition(self) -> int:
-        return self.remaining
-
-
-def drive(policy, owner, clock, t, steps, step_s, compile_s=0.0):
-    """Run ``steps`` steps of ``step_s`` seconds each through the policy; returns the choices."""
+def drive(policy, clock, t, steps, step_s, compile_s=0.0, remaining=10_000):
+    """Run ``steps`` steps of ``step_s`` seconds each through the policy, ``remaining`` steps expected at ``t``
+    and each compile costing ``compile_s``; returns the choices."""
     choices = []
     for _ in range(steps):
-        choice = policy.before_step(t, owner)
+        choice = policy.before_step(t, epoch=0, expected_steps=remaining, compile_seconds=clock[1])
         choices.append(choice)
         if choice == "compile":
-            policy.compiled(t, owner)
-            owner.compile_seconds += compile_s
+            policy.compiled(t, clock[1])
+            clock[1] += compile_s
         clock[0] += step_s
     return choices
 
 
 @pytest.fixture
 def clock(monkeypatch):
-    now = [100.0]
+    now = [100.0, 0.0]      # the time, and the compile seconds spent so far
     monkeypatch.setattr("localsgd_fx.runtime.time.perf_counter", lambda: now[0])
     monkeypatch.setattr(AutoCompile, "_sync", lambda self: None)   # a "cuda" policy on a machine without one
     return now
 
 
 def test_auto_compiles_when_the_saving_pays_and_keeps_a_faster_graph(clock):
-    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=10_000)
-    choices = drive(policy, owner, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
+    policy = AutoCompile("cuda")
+    choices = drive(policy, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
     assert choices[-1] == "compile" and choices[:-1] == ["eager"] * (len(choices) - 1)
     decision = policy.decisions[0]
     assert decision.choice == "compile" and decision.eager_ms == pytest.approx(10.0)
     assert decision.expected_saving_s == pytest.approx(10_000 * 0.010 * (1 - AutoCompile.PRIOR_RATIO["cuda"]))
-    drive(policy, owner, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.005)
+    drive(policy, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.005)
     assert decision.compiled_ms == pytest.approx(5.0) and decision.compile_s == pytest.approx(20.0)
     assert policy.ratio == pytest.approx(0.5) and policy.compile_s == pytest.approx(20.0)   # measured replaces the priors
-    assert drive(policy, owner, clock, 3, 5, 0.005) == ["compiled"] * 5
+    assert drive(policy, clock, 3, 5, 0.005) == ["compiled"] * 5
 
 
 def test_auto_falls_back_when_the_compiled_graph_is_not_faster(clock):
-    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=10_000)
-    drive(policy, owner, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
-    drive(policy, owner, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.0101)
+    policy = AutoCompile("cuda")
+    drive(policy, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010, compile_s=20.0)
+    drive(policy, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.0101)
     assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
-    assert drive(policy, owner, clock, 1, 3, 0.010) == ["eager"] * 3
-    policy.reconsider(1, owner)                      # a graph measured slower is not tried again
+    assert drive(policy, clock, 1, 3, 0.010) == ["eager"] * 3
+    policy.reconsider(1, epoch=0, expected_steps=10_000)                      # a graph measured slower is not tried again
     assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
     # the next transition is judged with the measured ratio (no saving) instead of the prior
-    drive(policy, owner, clock, 2, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010)
+    drive(policy, clock, 2, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010)
     assert policy.decisions[-1].choice == "eager" and policy.decisions[-1].expected_saving_s <= 0
 
 
 def test_auto_stays_eager_for_short_stays_and_reconsiders_as_t_holds(clock):
-    policy, owner = AutoCompile("cuda"), FakeOwner(remaining=500)       # 500 x 10 ms x 0.3 = 1.5 s < 30 s
-    choices = drive(policy, owner, clock, 2, 40, 0.010)
+    policy = AutoCompile("cuda")
+    choices = drive(policy, clock, 2, 40, 0.010, remaining=500)         # 500 x 10 ms x 0.3 = 1.5 s < 30 s
     assert set(choices) == {"eager"} and [d.choice for d in policy.decisions] == ["eager"]
-    owner.remaining = 50_000                                            # t held on: more steps expected
-    policy.reconsider(2, owner)
+    policy.reconsider(2, epoch=1, expected_steps=50_000)                # t held on: more steps expected
     assert policy.decisions[-1].choice == "compile"
-    assert policy.before_step(2, owner) == "compile"
+    assert policy.before_step(2, epoch=1, expected_steps=50_000, compile_seconds=0.0) == "compile"
 
 
 def test_auto_on_a_cpu_never_compiles_on_priors():
