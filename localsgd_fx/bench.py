@@ -30,6 +30,7 @@ from passes.partition import check_transition
 
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
+from .capture import TrainStep
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
 from .train import ConfigError
@@ -50,7 +51,7 @@ class StepRow:
     quotient: float       # ratio / bound
     saved_mb: float | None  # activation bytes saved for backward (eager only: hooks do not see compiled graphs)
     peak_mb: float | None  # CUDA peak allocated memory
-    compile_s: float = 0.0  # seconds compiling this t's graphs (forward, backward, CUDA-graph recording)
+    compile_s: float = 0.0  # seconds compiling (or warming up and recording) this t's step
 
 
 def default_transitions(n_layers: int, max_local: int) -> list[int]:
@@ -68,8 +69,6 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     Every arm runs in the same settings (compile mode, autocast dtype, memory format), so the SGD
     arm is the strongest plain setup of those settings, not plain eager fp32.
     """
-    import contextlib
-
     import models_zoo
     from localsgd_fx import compile_localsgd
 
@@ -87,18 +86,17 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     transitions = transitions or default_transitions(n, model.max_local)
     for t in transitions:   # before any step: a bad t fails in seconds, not after the warm-up
         check_transition(model.layer_order, t)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    capture = compile_mode(compile) == "capture"
+    recordable = capture and device.startswith("cuda")
+    # a recorded step reads its learning rate from a device tensor (see localsgd_fx.capture)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(1e-3, device=device) if recordable else 1e-3,
+                          momentum=0.9, **({"fused": True} if recordable else {}))
     arms = [0, *transitions]
-    amp_dtype = AMP_DTYPES[amp]
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # fp16: no loss scaling here; step time is what is measured, and it costs the same
+    train_step = TrainStep(model, opt, F.cross_entropy, autocast_dtype=AMP_DTYPES[amp], capture=capture)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()      # fp16: no loss scaling here; step time is what is measured, and it costs the same
-        opt.step()
-        model.observe_loss(loss.detach())
+        train_step(x, y)
 
     def sync():
         if device.startswith("cuda"):
@@ -109,15 +107,17 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     peak: dict[int, float | None] = {}
     compile_s: dict[int, float] = {}
     if compile_mode(compile) != "off":   # the first call compiles, CUDA graphs record on a later one: time only replays
-        warmup = max(warmup, 4)
+        warmup = max(warmup, TrainStep.WARMUP + 2)
     for t in arms:   # warm-up, compilation and memory, one arm at a time
         model.set_transition(t, force=True)
-        before = model.compile_seconds
+        account = model.graphs.account
+        before = account.seconds + account.capture_seconds
         for _ in range(warmup):
             step()
         sync()
-        compile_s[t] = model.compile_seconds - before
-        saved[t] = SavedActivationMeter.measure(step) if not model.is_compiled(t) else None
+        compile_s[t] = account.seconds + account.capture_seconds - before
+        compiled = model.is_compiled(t) or train_step.is_recorded(t)
+        saved[t] = SavedActivationMeter.measure(step) if not compiled else None
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             step()
@@ -181,8 +181,9 @@ def main_step(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-fraction", type=float, default=DEFAULT_SAMPLE_FRACTION,
                         help="local update from this fraction of the batch (default %(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compile", default="off", choices=["off", "on", "reduce-overhead"],
-                        help="every arm, SGD included, in this mode; compile seconds per t are reported (default %(default)s)")
+    parser.add_argument("--compile", default="off", choices=["off", "on", "reduce-overhead", "capture"],
+                        help="every arm, SGD included, in this mode (capture: the whole step recorded as a CUDA graph "
+                             "per t); compile/recording seconds per t are reported (default %(default)s)")
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (default %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     parser.add_argument("--json", help="also write the rows to this JSON file")

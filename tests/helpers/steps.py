@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localsgd_fx.capture import TrainStep
+
 __all__ = ["small_net", "one_step", "no_host_reads"]
 
 
@@ -38,9 +40,5 @@ def no_host_reads():
 
 
 def one_step(lm, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(lm(x), y)
-    loss.backward()
-    opt.step()
-    lm.observe_loss(loss.detach())
-    return loss
+    """The library's training step (the trainer's), run eagerly; returns the loss."""
+    return TrainStep(lm, opt, F.cross_entropy, capture=False).eager(x, y)[0]
