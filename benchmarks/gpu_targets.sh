@@ -2,17 +2,35 @@
 # The GPU measurements behind the speed targets (docs/RESULTS.md "On a GPU"). On one H100 each part
 # takes under 10 minutes: step ~7, default-run ~5, tradeoff ~5.
 #
-#   bash benchmarks/gpu_targets.sh OUT_DIR [step|default-run|tradeoff|all]
+#   bash benchmarks/gpu_targets.sh OUT_DIR [capture|step|default-run|tradeoff|all]
+#
+# "capture" comes first (the most important part, ~6 min on an H100): the whole training step recorded
+# as a CUDA graph per t (no compiler), for the step ratios and the seconds each move costs, then the end-to-end
+# 20-epoch trade-off where the trainer's compile=auto records on a GPU and the SGD arm gets the same recording.
 #
 # Needs a CUDA device and Fashion-MNIST (the four .gz files in $LOCALSGD_DATA or a standard place).
 # Every comparison is measured side by side in one process (bench step interleaves its arms) or as
 # runs of the same command that differ in one flag. Results: OUT_DIR/*.txt, *.json and run folders.
 set -euo pipefail
-out=${1:?usage: bash benchmarks/gpu_targets.sh OUT_DIR [step|default-run|tradeoff|all]}
+out=${1:?usage: bash benchmarks/gpu_targets.sh OUT_DIR [capture|step|default-run|tradeoff|all]}
 what=${2:-all}
 mkdir -p "$out"
 run() { echo "+ $*" | tee -a "$out/commands.txt"; "$@"; }
 py="python3 -m localsgd_fx"
+
+if [[ $what == capture || $what == all ]]; then
+  # step ratios with every arm (SGD too) recorded per t; compile s column = warm-up + recording per move
+  run $py bench step --model resnet20 --transitions 21 --repeats 31 --rule freeze --compile capture \
+      --json "$out/step_resnet20_freeze_capture.json" | tee "$out/step_resnet20_freeze_capture.txt"
+  run $py bench step --model resnet20 --transitions 21 --repeats 31 --rule hebbian --compile capture \
+      --json "$out/step_resnet20_hebbian_capture.json" | tee "$out/step_resnet20_hebbian_capture.txt"
+  run $py bench step --model resnet50 --in-channels 3 --image-size 64 --batch-size 128 --amp bf16 --channels-last \
+      --transitions 53 --repeats 21 --compile capture \
+      --json "$out/step_resnet50_bf16_cl_capture.json" | tee "$out/step_resnet50_bf16_cl_capture.txt"
+  # end to end: SGD, the default arm (freeze dynamic) and hebbian, all recorded per t (compile auto on a GPU)
+  run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
+      --arms SGD "freeze dynamic" "LoCal dynamic" --amp bf16 --channels-last --compile auto --out "$out/tradeoff_capture"
+fi
 
 if [[ $what == step || $what == all ]]; then
   # per-step ratio to plain SGD in the same settings at the full prefix (the targets' point; each further t

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from passes.partition import trained_parameters
 from passes.rewrite import PARTITION_META
 
 from .api import LocalSGDModule
@@ -119,27 +120,10 @@ def gather_objects(obj: Any) -> list[Any]:
 
 # ---------------------------------------------------------------------------- what is synced
 def sgd_parameters(lm: LocalSGDModule, t: int | None = None) -> list[nn.Parameter]:
-    """The parameters that receive gradients at transition ``t`` (default: the current one).
-
-    Read off the traced graph: parameters of modules called outside the local prefix, and
-    parameters fetched by nodes outside it. The prefix runs under ``no_grad``, and a local layer
-    called outside it uses a detached weight, so neither yields gradients.
-    """
+    """The parameters that receive gradients at transition ``t`` (default: the current one); read off the
+    traced graph and its partition (:func:`passes.partition.trained_parameters`)."""
     t = lm.transition if t is None else t
-    traced = lm.graph_for(0)
-    part = lm.graph_for(t).meta.get(PARTITION_META) if t else None
-    no_grad = set(part.prefix) | set(part.outside_local_sites) if part is not None else set()
-    found: dict[int, nn.Parameter] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module" and node.name not in no_grad:
-            found.update((id(p), p) for p in traced.get_submodule(node.target).parameters())
-        elif node.op == "get_attr" and any(user.name not in no_grad for user in node.users):
-            try:
-                p = traced.get_parameter(node.target)
-            except AttributeError:   # a buffer or a constant
-                continue
-            found[id(p)] = p
-    return [p for p in found.values() if p.requires_grad]
+    return trained_parameters(lm.graph_for(0), lm.graph_for(t).meta.get(PARTITION_META) if t else None)
 
 
 def local_weights(lm: LocalSGDModule, t: int | None = None) -> list[nn.Parameter]:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from passes.errors import LocalSGDError
 from passes.layers import LayerOrder
+from passes.partition import cut_after
 
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE
 
@@ -175,16 +176,7 @@ class SignalMeter(nn.Module):
         """The traced graph cut after the first call of layer ``t`` (cached)."""
         gm = self._prefixes.get(t)
         if gm is None:
-            site = self._order.layers[t].call_sites[0]
-            graph, env = fx.Graph(), {}
-            for node in self._traced.graph.nodes:
-                env[node] = graph.node_copy(node, lambda n: env[n])
-                if node.name == site:
-                    break
-            graph.output(env[node])
-            gm = self._prefixes[t] = fx.GraphModule(self._traced, graph)
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
+            gm = self._prefixes[t] = cut_after(self._traced, self._order.layers[t].call_sites[0])
         return gm
 
     def _weight(self, t: int) -> Tensor:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .errors import LocalSGDError
 from .layers import LayerOrder
 
-__all__ = ["Partition", "partition", "check_transition", "SOURCE_OPS"]
+__all__ = ["Partition", "partition", "check_transition", "cut_after", "trained_parameters", "SOURCE_OPS"]
 
 SOURCE_OPS = ("placeholder", "get_attr")
 
@@ -81,3 +81,41 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
     crossing = tuple(n.name for n in gm.graph.nodes if n in prefix and any(u not in prefix for u in n.users))
     return Partition(transition=transition, local_layers=tuple(order.names[:transition]), prefix=frozenset(n.name for n in prefix),
                      crossing=crossing, outside_local_sites=tuple(outside_local))
+
+
+def cut_after(gm: fx.GraphModule, node_name: str) -> fx.GraphModule:
+    """The graph of ``gm`` up to and including node ``node_name``, returning that node's value (dead code
+    removed); it shares ``gm``'s submodules. The plasticity signal runs a probe batch through such a cut."""
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name == node_name:
+            break
+    else:
+        raise LocalSGDError(f"no node {node_name!r} in the graph of {type(gm).__name__}")
+    graph.output(env[node])
+    cut = fx.GraphModule(gm, graph)
+    cut.graph.eliminate_dead_code()
+    cut.recompile()
+    return cut
+
+
+def trained_parameters(gm: fx.GraphModule, part: Partition | None) -> list:
+    """The parameters of the traced ``gm`` that receive gradients when ``part`` runs (None: plain SGD).
+
+    Parameters of modules called outside the local prefix, and parameters fetched by nodes outside it. The
+    prefix runs under ``no_grad``, and a local layer called outside it uses a detached weight, so neither
+    yields gradients. Each parameter once, in graph order.
+    """
+    no_grad = set(part.prefix) | set(part.outside_local_sites) if part is not None else set()
+    found: dict[int, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.name not in no_grad:
+            found.update((id(p), p) for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr" and any(user.name not in no_grad for user in node.users):
+            try:
+                p = gm.get_parameter(node.target)
+            except AttributeError:   # a buffer or a constant
+                continue
+            found[id(p)] = p
+    return [p for p in found.values() if p.requires_grad]
