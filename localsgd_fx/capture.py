@@ -158,13 +158,21 @@ class TrainStep:
         static_x, static_y = x.clone(), y.clone()
         self.optimizer.zero_grad(set_to_none=True)   # the recorded backward writes the gradients afresh
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            with self._autocast(), torch.set_grad_enabled(True):
-                output = graph_module(static_x)
-                loss = self.loss_fn(output, static_y)
-            loss.backward()
-            self.optimizer.step()
-            model.observe_loss(loss.detach())
+        try:
+            with torch.cuda.graph(graph):
+                with self._autocast(), torch.set_grad_enabled(True):
+                    output = graph_module(static_x)
+                    loss = self.loss_fn(output, static_y)
+                loss.backward()
+                self.optimizer.step()
+                model.observe_loss(loss.detach())
+        except RuntimeError as exc:
+            # nothing of a failed recording ran on the device: train on, eagerly, and say so once
+            self.capture = False
+            self.log(f"note: recording the training step as a CUDA graph failed ({str(exc).splitlines()[0]}); "
+                     "training steps run eagerly from here")
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.eager(x, y)
         # nothing ran yet: this batch is a step too, so replay it once
         recorded = self._graphs[t] = _Recorded(graph, static_x, static_y, loss.detach(), output.detach(),
                                                [p.grad for p in model.parameters()])
