@@ -15,6 +15,7 @@ Run: ``localsgd bench step --model resnet20`` (or ``python -m localsgd_fx bench 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -52,6 +53,8 @@ class StepRow:
     saved_mb: float | None  # activation bytes saved for backward (eager only: hooks do not see compiled graphs)
     peak_mb: float | None  # CUDA peak allocated memory
     compile_s: float = 0.0  # seconds compiling (or warming up and recording) this t's step
+    mode: str = ""          # the compile mode of the arm
+    vs_best_sgd: float | None = None   # step time / the fastest plain-SGD arm's (over all modes measured)
 
 
 def default_transitions(n_layers: int, max_local: int) -> list[int]:
@@ -63,21 +66,27 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
                   batch: int = BATCH, in_channels: int = IN_CHANNELS, image_size: int = IMAGE_SIZE,
                   repeats: int = REPEATS, warmup: int = WARMUP, sample_fraction: float = DEFAULT_SAMPLE_FRACTION,
                   device: str = "cpu", compile: bool | str = "off", amp: str = "off", channels_last: bool = False,
-                  seed: int = 0) -> list[StepRow]:
+                  seed: int = 0, sgd_modes: tuple[str, ...] | None = None) -> list[StepRow]:
     """Measure step time and memory of plain SGD and of LoCal+SGD at each ``t`` (interleaved).
 
     Every arm runs in the same settings (compile mode, autocast dtype, memory format), so the SGD
-    arm is the strongest plain setup of those settings, not plain eager fp32.
+    arm is the strongest plain setup of those settings, not plain eager fp32. ``sgd_modes``: further
+    plain-SGD arms in other compile modes (each its own copy of the model), timed in the same rounds, so
+    that ``vs_best_sgd`` compares every arm with the fastest plain setup measured; by default on CUDA
+    eager, whole-step capture and ``reduce-overhead``, none on a CPU (where compiling does not pay).
     """
     import models_zoo
     from localsgd_fx import compile_localsgd
 
     from .runtime import compile_mode
-    from .train import AMP_DTYPES
 
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.preserve_format
     net = models_zoo.get_model(model_name, num_classes=10, in_channels=in_channels).to(device, memory_format=fmt)
+    mode = compile_mode(compile)
+    if sgd_modes is None:
+        sgd_modes = ("off", "capture", "reduce-overhead") if device.startswith("cuda") else ()
+    baselines = {m: _plain_sgd_arm(copy.deepcopy(net), m, device, amp) for m in sgd_modes if m != mode}
     x = torch.randn(batch, in_channels, image_size, image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     model = compile_localsgd(net, rule=rule, schedule="manual", example_inputs=(x[:2],), compile=compile,
@@ -86,14 +95,8 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     transitions = transitions or default_transitions(n, model.max_local)
     for t in transitions:   # before any step: a bad t fails in seconds, not after the warm-up
         check_transition(model.layer_order, t)
-    capture = compile_mode(compile) == "capture"
-    recordable = capture and device.startswith("cuda")
-    # a recorded step reads its learning rate from a device tensor (see localsgd_fx.capture)
-    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(1e-3, device=device) if recordable else 1e-3,
-                          momentum=0.9, **({"fused": True} if recordable else {}))
     arms = [0, *transitions]
-    # fp16: no loss scaling here; step time is what is measured, and it costs the same
-    train_step = TrainStep(model, opt, F.cross_entropy, autocast_dtype=AMP_DTYPES[amp], capture=capture)
+    train_step = _train_step(model, mode, device, amp)
 
     def step():
         train_step(x, y)
@@ -106,8 +109,13 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     saved: dict[int, int | None] = {}
     peak: dict[int, float | None] = {}
     compile_s: dict[int, float] = {}
-    if compile_mode(compile) != "off":   # the first call compiles, CUDA graphs record on a later one: time only replays
+    if mode != "off" or baselines:   # the first call compiles, CUDA graphs record on a later one: time only replays
         warmup = max(warmup, TrainStep.WARMUP + 2)
+    for other in baselines.values():
+        for _ in range(warmup):
+            other(x, y)
+        sync()
+    sgd_times: dict[str, list[float]] = {m: [] for m in baselines}
     for t in arms:   # warm-up, compilation and memory, one arm at a time
         model.set_transition(t, force=True)
         account = model.graphs.account
@@ -133,7 +141,14 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
             step()
             sync()
             times[t].append(time.perf_counter() - start)
+        for m, other in baselines.items():
+            sync()
+            start = time.perf_counter()
+            other(x, y)
+            sync()
+            sgd_times[m].append(time.perf_counter() - start)
     base = statistics.median(times[0])
+    best_sgd = min([base, *(statistics.median(v) for v in sgd_times.values())])
     gemms = model.rule.gemms
     rows = []
     for t in arms:
@@ -141,24 +156,61 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
         med = statistics.median(times[t])
         bound = 1.0 / speed_bound(p, gemms, sample_fraction)
         rows.append(StepRow(t, p, 1e3 * med, med / base, bound, med / base / bound,
-                            None if saved[t] is None else saved[t] / 2**20, peak[t], compile_s[t]))
+                            None if saved[t] is None else saved[t] / 2**20, peak[t], compile_s[t], mode,
+                            med / best_sgd))
+    for m, values in sgd_times.items():     # the other plain setups, after the arms of this mode
+        med = statistics.median(values)
+        spent = baselines[m].account.seconds + baselines[m].account.capture_seconds
+        rows.append(StepRow(0, 0.0, 1e3 * med, med / base, 1.0, med / base, None, None, spent, m, med / best_sgd))
     return rows
 
 
+def _train_step(model, mode: str, device: str, amp: str) -> TrainStep:
+    """The benchmark's step of ``model`` in compile mode ``mode`` (a recorded step on CUDA for ``"capture"``)."""
+    from .train import AMP_DTYPES
+
+    recordable = mode == "capture" and device.startswith("cuda")
+    # a recorded step reads its learning rate from a device tensor (see localsgd_fx.capture)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(1e-3, device=device) if recordable else 1e-3,
+                          momentum=0.9, **({"fused": True} if recordable else {}))
+    # fp16: no loss scaling here; step time is what is measured, and it costs the same. The arms move t back
+    # and forth, so every recording is kept
+    return TrainStep(model, opt, F.cross_entropy, autocast_dtype=AMP_DTYPES[amp], capture=mode == "capture",
+                     free_passed=False)
+
+
+def _plain_sgd_arm(net, mode: str, device: str, amp: str) -> TrainStep:
+    """A plain-SGD step of its own copy of the model in compile mode ``mode``."""
+    from localsgd_fx import compile_localsgd
+
+    return _train_step(compile_localsgd(net, schedule="sgd", compile=mode), mode, device, amp)
+
+
 def format_rows(rows: list[StepRow], header: str) -> str:
-    """``header``, then the rows as a table (the first row is plain SGD, the reference of "vs SGD")."""
+    """``header``, then the rows as a table (the first row is plain SGD in the same mode, the reference of
+    "ratio"; rows of plain SGD in other modes follow, and "vs fastest SGD" compares with the fastest of them)."""
     peak = rows[0].peak_mb is not None
     base_saved = rows[0].saved_mb or 1.0
 
     def saved(r: StepRow) -> list[str]:     # compiled steps: the hooks cannot see inside the graph
         return ["-", "-"] if r.saved_mb is None else [f"{r.saved_mb:.1f}", f"{r.saved_mb / base_saved:.2f}"]
 
+    modes = len({r.mode for r in rows}) > 1      # plain SGD was also timed in other modes: name each row's
+
+    def extra(r: StepRow) -> list[str]:
+        return [r.mode, f"{r.vs_best_sgd:.3f}"] if modes else []
+
     cells = [(r.transition, f"{r.local_fraction:.3f}", f"{r.step_ms:.1f}", f"{r.ratio:.3f}", f"{r.bound:.3f}",
-              f"{r.quotient:.3f}", *saved(r), f"{r.compile_s:.1f}", *([f"{r.peak_mb:.1f}"] if peak else []))
+              f"{r.quotient:.3f}", *saved(r), f"{r.compile_s:.1f}",
+              *([_fmt_mb(r.peak_mb)] if peak else []), *extra(r))
              for r in rows]
     columns = ("t", "p", "step ms", "ratio", "bound", "ratio/bound", "saved MB", "vs SGD", "compile s",
-               *(["peak MB"] if peak else []))
+               *(["peak MB"] if peak else []), *(["mode", "vs fastest SGD"] if modes else []))
     return header + "\n" + format_table(cells, columns)
+
+
+def _fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def machine_line(device: str) -> str:
@@ -186,6 +238,9 @@ def main_step(argv: list[str] | None = None) -> int:
                              "per t); compile/recording seconds per t are reported (default %(default)s)")
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (default %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
+    parser.add_argument("--sgd-modes", nargs="*", choices=["off", "on", "reduce-overhead", "capture"],
+                        help="also time plain SGD in these compile modes, to compare every arm with the fastest plain "
+                             "setup (default on CUDA: off capture reduce-overhead; on a CPU: none)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     from .runtime import resolve_device
@@ -195,7 +250,8 @@ def main_step(argv: list[str] | None = None) -> int:
     rows = measure_steps(args.model, transitions=args.transitions, rule=args.rule, batch=args.batch_size,
                          in_channels=args.in_channels, image_size=args.image_size, repeats=args.repeats,
                          warmup=args.warmup, sample_fraction=args.sample_fraction, device=device, compile=args.compile,
-                         amp=args.amp, channels_last=args.channels_last)
+                         amp=args.amp, channels_last=args.channels_last,
+                         sgd_modes=None if args.sgd_modes is None else tuple(args.sgd_modes))
     header = (f"bench step: {args.model}, rule={args.rule}, batch {args.batch_size}x{args.in_channels}x"
               f"{args.image_size}x{args.image_size}, sample_fraction={args.sample_fraction}, compile={args.compile}, "
               f"amp={args.amp}{', channels-last' if args.channels_last else ''}, {device}: "

@@ -67,7 +67,9 @@ class TrainStep:
         capture: record the step per ``t`` as a CUDA graph where the device allows it.
         forward: what the eager step calls for the forward and ``observe_loss`` (default ``model``; a
             data-parallel wrapper of it, which is never recorded).
-        log: where the one-line notes go (fallbacks, recordings).
+        log: where the one-line notes go (fallbacks).
+        free_passed: free the recording of a ``t`` once a larger one is recorded (the schedule never moves back);
+            a benchmark that moves ``t`` back and forth with ``force=True`` keeps them.
 
     ``loss`` and ``output`` are device tensors; after a replay they are the graph's static outputs, valid
     until the next call, so read what you need from them (on the device) before calling again.
@@ -77,7 +79,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  *, autocast_dtype: torch.dtype | None = None, scaler: Any = None, capture: bool = True,
-                 forward: nn.Module | None = None, log: Callable[[str], None] | None = None):
+                 forward: nn.Module | None = None, log: Callable[[str], None] | None = None,
+                 free_passed: bool = True):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast_dtype, self.scaler = autocast_dtype, scaler
         self.forward = forward if forward is not None else model
@@ -92,6 +95,7 @@ class TrainStep:
         self._graphs: dict[int, _Recorded] = {}
         self._warm: dict[int, int] = {}         # t -> eager steps taken at t so far
         self.account = model.graphs.account      # warm-up + recording seconds are reported with compile seconds
+        self.free_passed = free_passed
 
     def _why_not_capture(self, capture: bool) -> str | None:
         if not capture:
@@ -153,7 +157,8 @@ class TrainStep:
     def _record(self, t: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
-        self._free_unreachable(t)
+        if self.free_passed:
+            self._free_unreachable(t)
         model, graph_module = self.model, self.model.graphs.graph(t)
         static_x, static_y = x.clone(), y.clone()
         self.optimizer.zero_grad(set_to_none=True)   # the recorded backward writes the gradients afresh
