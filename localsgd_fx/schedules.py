@@ -17,12 +17,11 @@ Every schedule is a dataclass: its init fields are its options (validated by the
 shown by the repr); fields made with :func:`state` are its decision state. :meth:`Schedule.state_dict`,
 :meth:`Schedule.load_state_dict` and :meth:`Schedule.log_stats` are written once, from the fields.
 
-``warmup_epochs`` (Dynamic and the signal schedules) counts completed epochs, ``stats.epoch``; the signals are
-recorded from the start, and a move comes only once the warm-up is over. Dynamic judges the epoch that just ended,
-and that epoch must itself lie past the warm-up: its first move can come at the end of epoch ``warmup_epochs + 1``
-(``stats.epoch > warmup_epochs``). A signal schedule judges the change since its previous check, and may move as
-soon as ``warmup_epochs`` epochs are complete (``stats.epoch >= warmup_epochs``: at the end of that epoch, or
-within the next when deciding every K steps); its first check on a layer only sets a reference.
+``warmup_epochs`` (Dynamic and the signal schedules) counts completed epochs (``stats.epoch``); signals are recorded
+from the start, moves wait for the warm-up. Dynamic judges the epoch that just ended, which must itself lie past the
+warm-up (``stats.epoch > warmup_epochs``: first move at the end of epoch ``warmup_epochs + 1``); a signal schedule
+judges the change since its previous check and may move once ``warmup_epochs`` epochs are complete
+(``stats.epoch >= warmup_epochs``), its first check on a layer only setting a reference.
 
 This module is pure Python (no torch) and depends on no other ``localsgd_fx`` module; all state is plain,
 JSON-serialisable data, so that a resumed run makes the same decisions.
@@ -81,10 +80,6 @@ PLASTICITY_DEFAULT_PROBE_SIZE: int = 64
 GRADNORM_DEFAULT_THRESHOLD: float = 0.1
 GRADNORM_DEFAULT_PATIENCE: int = 2
 
-#: The string shorthands accepted by :func:`make_schedule`.
-SCHEDULE_NAMES: tuple[str, ...] = ("dynamic", "plasticity", "gradnorm", "static", "quadratic", "linear",
-                                   "exponential", "sgd", "none", "manual")
-
 _STATIC_KINDS: tuple[str, ...] = ("linear", "quadratic", "exponential")
 
 
@@ -132,27 +127,23 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_int(name: str, value: Any, lo: int, what: str = "") -> int:
-    if not _is_int(value) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}{what}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: Any, rng: str, ok: Callable[[float], bool]) -> float:
-    if not _is_real(value) or not math.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name} must be a float in {rng}, got {value!r}")
-    return float(value)
-
-
 Check = Callable[[str, Any], Any]   # (argument name, value) -> the value, normalised; raises ValueError
 
 
 def _int(lo: int, what: str = "") -> Check:
-    return lambda name, v: _check_int(name, v, lo, what)
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}{what}, got {value!r}")
+        return int(value)
+    return check
 
 
 def _real(rng: str, ok: Callable[[float], bool]) -> Check:
-    return lambda name, v: _check_real(name, v, rng, ok)
+    def check(name: str, value: Any) -> float:
+        if not _is_real(value) or not math.isfinite(value) or not ok(float(value)):
+            raise ValueError(f"{name} must be a float in {rng}, got {value!r}")
+        return float(value)
+    return check
 
 
 def _optional(check: Check) -> Check:
@@ -163,8 +154,8 @@ def _int_or_fraction(lo: int, unit: str, rng: str, ok: Callable[[float], bool], 
     """An int ``>= lo`` (a count of ``unit``), or a float in ``rng`` (a fraction of ``of``)."""
     def check(name: str, v: Any) -> int | float:
         if _is_int(v):
-            return _check_int(name, v, lo, f" ({unit}) or a float in {rng} (fraction of {of})")
-        return _check_real(name, v, f"{rng} (fraction of {of}) or an int >= {lo} ({unit})", ok)
+            return _int(lo, f" ({unit}) or a float in {rng} (fraction of {of})")(name, v)
+        return _real(f"{rng} (fraction of {of}) or an int >= {lo} ({unit})", ok)(name, v)
     return check
 
 
@@ -196,6 +187,10 @@ def state(default: Any = None, *, factory: Callable[[], Any] | None = None, stat
     may lack it: it is for logging only)."""
     kw = {"default_factory": factory} if factory is not None else {"default": default}
     return field(init=False, repr=False, metadata={"state": True, "stats": stats, "optional": stats}, **kw)
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    return fields(obj) if is_dataclass(obj) else ()
 
 
 def _plain(value: Any) -> Any:
@@ -233,7 +228,7 @@ def _saved(cls: type) -> dict[str, tuple[Any, Any]]:
     and the state fields."""
     hints = typing.get_type_hints(cls)
     out: dict[str, tuple[Any, Any]] = {name: (int | None, None) for name in Schedule.BOUND}
-    for f in fields(cls) if is_dataclass(cls) else ():
+    for f in _fields(cls):
         if f.init or f.metadata.get("state"):
             out[f.name] = (hints[f.name], f)
     return out
@@ -288,21 +283,16 @@ class Schedule(ABC):
         return self.num_layers is not None
 
     def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
-        """Resolve fractions against the model and validate the arguments.
-
-        Args:
-            num_layers: ``N``, the number of conv/linear layers (>= 1).
-            max_local: the largest transition allowed, in ``[0, num_layers]``.
-            total_epochs: length of the run in epochs, if known (needed by :class:`Static`).
+        """Resolve fractions against the model (``num_layers`` = ``N`` >= 1 layers; the largest transition
+        ``max_local`` in ``[0, N]``; the run length ``total_epochs``, if known: :class:`Static` needs it).
 
         Raises:
             ValueError: on an invalid argument, or one this schedule cannot work with.
         """
-        num_layers = _check_int("num_layers", num_layers, 1)
+        num_layers = _int(1)("num_layers", num_layers)
         if not _is_int(max_local) or not 0 <= max_local <= num_layers:
             raise ValueError(f"max_local must be an int in [0, num_layers={num_layers}], got {max_local!r}")
-        if total_epochs is not None:
-            total_epochs = _check_int("total_epochs", total_epochs, 1)
+        total_epochs = _optional(_int(1))("total_epochs", total_epochs)
         old = (self.num_layers, self.max_local, self.total_epochs)
         self.num_layers, self.max_local, self.total_epochs = num_layers, int(max_local), total_epochs
         try:
@@ -323,20 +313,12 @@ class Schedule(ABC):
     # -- decisions ---------------------------------------------------------------------------
     @abstractmethod
     def propose(self, stats: EpochStats) -> int:
-        """The schedule's raw wish for the next transition (before the constraints).
-
-        Args:
-            stats: the statistics of the epoch that just ended.
-
-        Returns:
-            A layer index; :meth:`select` clips it to ``[stats.transition, max_local]``.
-        """
+        """The schedule's raw wish for the next transition, a layer index, from the statistics of the epoch
+        that just ended; :meth:`select` clips it to ``[stats.transition, max_local]``."""
 
     def select(self, stats: EpochStats) -> int:
-        """The next transition layer: ``clip(propose(stats), stats.transition, max_local)``.
-
-        The lower bound wins over the upper one: if the current transition is already past
-        ``max_local`` (set by hand), it is kept, since a layer never goes back to SGD.
+        """The next transition layer: ``clip(propose(stats), stats.transition, max_local)``. The lower bound wins:
+        a transition already past ``max_local`` (set by hand) is kept, since a layer never goes back to SGD.
 
         Example::
 
@@ -382,7 +364,7 @@ class Schedule(ABC):
             raise ValueError(f"cannot load a {kind!r} schedule state into a {name} schedule")
         saved = _saved(type(self))
         unknown = sorted(set(state) - set(saved) - {"type"})
-        if unknown:
+        if unknown and type(self).load_state_dict is Schedule.load_state_dict:   # else the override reads them
             raise ValueError(f"{name} state has unknown keys {unknown}; it takes {sorted(saved)}")
         values = {}
         for key, (hint, f) in saved.items():
@@ -392,8 +374,10 @@ class Schedule(ABC):
                 values[key] = f.default if f.default_factory is MISSING else f.default_factory()
             else:
                 raise ValueError(f"{name} state lacks key {key!r}")
+        options = {key: values[key] for key, (_, f) in saved.items() if f is not None and f.init}
         try:   # the options pass the constructor's checks
-            type(self)(**{key: values[key] for key, (_, f) in saved.items() if f is not None and f.init})
+            if options:
+                type(self)(**options)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{name} state: {e}") from None
         for key, value in values.items():
@@ -402,12 +386,12 @@ class Schedule(ABC):
     def log_stats(self) -> dict[str, float]:
         """Scalars describing the last decision, for logging: the items of the state fields marked
         ``stats`` (empty before the first decision)."""
-        return {k: v for f in (fields(self) if is_dataclass(self) else ()) if f.metadata.get("stats")
+        return {k: v for f in _fields(self) if f.metadata.get("stats")
                 for k, v in getattr(self, f.name).items()}
 
     def __repr__(self) -> str:
         """``Name(positional, option=value, ...)``; an option that is ``False`` is left out."""
-        shown = ((f, getattr(self, f.name)) for f in (fields(self) if is_dataclass(self) else ()) if f.init)
+        shown = ((f, getattr(self, f.name)) for f in _fields(self) if f.init)
         args = ((f"{f.name}=" if f.kw_only else "") + repr(v) for f, v in shown if v is not False)
         return f"{type(self).__name__}({', '.join(args)})"
 
@@ -698,17 +682,11 @@ class _SignalSchedule(_Shifting):
 class Plasticity(_SignalSchedule):
     """Representation plasticity (Egeria, EuroSys'23): move when the transition layer's output has settled.
 
-    At each check the model wrapper runs an eval-mode forward of a fixed probe batch up to the
-    transition layer, standardises the layer's output per channel (what a following BatchNorm sees)
-    and reports its relative change since the previous check, ``c``. Then:
-
-    1. ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``);
-    2. the check is *settled* if ``c < threshold * W̄``, or ``c = 0``;
-    3. after ``patience`` settled checks in a row, and once ``warmup_epochs`` epochs are complete,
-       propose ``t + shift``; else ``t``.
-
-    Layers settle bottom-up (SVCCA), so a layer whose representation has stopped moving against its
-    own history is a safe one to make local.
+    At each check the model wrapper reports ``c``, the relative change since the previous check of the transition
+    layer's per-channel standardised output on a fixed probe batch (docs/DESIGN.md §4.3). Then
+    ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``); the check is *settled* if
+    ``c < threshold * W̄``, or ``c = 0``; after ``patience`` settled checks in a row, and once ``warmup_epochs``
+    epochs are complete, propose ``t + shift``; else ``t``.
 
     Args:
         threshold: ratio to the running average, in ``(0, 1)``.
@@ -751,13 +729,11 @@ class Plasticity(_SignalSchedule):
 
 @_schedule
 class GradNorm(_SignalSchedule):
-    """Gradient-norm change rate (AutoFreeze): move when the transition layer's gradient norm has
-    stopped changing.
+    """Gradient-norm change rate (AutoFreeze): move when the transition layer's gradient norm stopped changing.
 
-    The model wrapper accumulates ``||dL/dW_t||`` on the device after every backward and reports its
-    mean over the steps since the previous check, ``G``. With ``G'`` the previous check's mean, the
-    check is *settled* if ``|G - G'| / G' < threshold``; after ``patience`` settled checks in a row,
-    and once ``warmup_epochs`` epochs are complete, propose ``t + shift``; else ``t``.
+    The model wrapper reports ``G``, the mean of ``||dL/dW_t||`` over the steps since the previous check. With
+    ``G'`` the previous check's mean, the check is *settled* if ``|G - G'| / G' < threshold``; after ``patience``
+    settled checks in a row, and once ``warmup_epochs`` epochs are complete, propose ``t + shift``; else ``t``.
 
     Args:
         threshold: largest relative change that counts as settled, ``> 0``.
@@ -864,18 +840,13 @@ class Manual(Schedule):
 def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
     """Build a schedule from a shorthand, a callable or an instance.
 
-    Shorthands (case-insensitive) and their defaults:
-
-    * ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)``
-      (``DYNAMIC_DEFAULT_*``).
-    * ``"plasticity"`` -> :class:`Plasticity`, ``"gradnorm"`` -> :class:`GradNorm`
-      (``PLASTICITY_DEFAULT_*``, ``GRADNORM_DEFAULT_*``, ``SIGNAL_DEFAULT_*``).
-    * ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"`` ->
-      ``Static(kind, c1=0.75, c2=0.25, k=4.0)`` (``STATIC_DEFAULT_*``): at most 75 % of the
-      layers (capped at ``max_local``) become local, starting after 25 % of the epochs.
-      They need ``total_epochs`` (here, or later through ``bind``).
-    * ``"sgd"`` / ``"none"`` (or ``None``) -> :class:`PlainSGD`, always 0.
-    * ``"manual"`` -> :class:`Manual`, keeps the current ``t``.
+    Shorthands (case-insensitive, :data:`SCHEDULE_NAMES`) and their defaults:
+    ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)`` (``DYNAMIC_DEFAULT_*``);
+    ``"plasticity"`` -> :class:`Plasticity`, ``"gradnorm"`` -> :class:`GradNorm` (``PLASTICITY_DEFAULT_*``,
+    ``GRADNORM_DEFAULT_*``, ``SIGNAL_DEFAULT_*``); ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"``
+    -> ``Static(kind, c1=0.75, c2=0.25, k=4.0)`` (``STATIC_DEFAULT_*``: at most 75 % of the layers, capped at
+    ``max_local``, become local, starting after 25 % of the epochs; they need ``total_epochs``, here or later
+    through ``bind``); ``"sgd"`` / ``"none"`` (or ``None``) -> :class:`PlainSGD`; ``"manual"`` -> :class:`Manual`.
 
     Args:
         spec: a :class:`Schedule` instance (returned as is), a :class:`Schedule` subclass
@@ -898,39 +869,32 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
     """
     if isinstance(spec, Schedule):
         if kwargs:
-            raise ValueError(
-                f"schedule options {sorted(kwargs)} are only for a shorthand string; "
-                f"got a ready {type(spec).__name__} instance"
-            )
+            raise ValueError(f"schedule options {sorted(kwargs)} are only for a shorthand string; "
+                             f"got a ready {type(spec).__name__} instance")
         return spec
     if isinstance(spec, type) and issubclass(spec, Schedule):
         return spec(**kwargs)
-    if spec is None:
-        spec = "none"
-    if isinstance(spec, str):
-        name = spec.strip().lower()
-        if name not in SCHEDULE_NAMES:
-            raise ValueError(
-                f"unknown schedule {spec!r}; valid shorthands are {list(SCHEDULE_NAMES)}, "
-                f"or pass a Schedule instance or a callable policy(epoch, stats) -> int"
-            )
-        if name in ("sgd", "none", "manual") and kwargs:
+    if isinstance(spec, str) or spec is None:
+        name = "none" if spec is None else spec.strip().lower()
+        if name not in _SHORTHANDS:
+            raise ValueError(f"unknown schedule {spec!r}; valid shorthands are {list(SCHEDULE_NAMES)}, "
+                             f"or pass a Schedule instance or a callable policy(epoch, stats) -> int")
+        make = _SHORTHANDS[name]
+        if kwargs and make in (PlainSGD, Manual):
             raise ValueError(f"schedule {spec!r} takes no options, got {sorted(kwargs)}")
-        if name == "dynamic":
-            return Dynamic(**kwargs)
-        if name in _SIGNAL_SCHEDULES:
-            return _SIGNAL_SCHEDULES[name](**kwargs)
-        if name in _STATIC_KINDS or name == "static":
-            return Static("quadratic" if name == "static" else name, **kwargs)
-        return Manual() if name == "manual" else PlainSGD()
+        return make(**kwargs)
     if callable(spec):
         if kwargs:
             raise ValueError(f"schedule options {sorted(kwargs)} cannot be passed to a policy")
         return PolicySchedule(spec)
-    raise TypeError(
-        f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
-        f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})"
-    )
+    raise TypeError(f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
+                    f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})")
 
 
-_SIGNAL_SCHEDULES: dict[str, type[_SignalSchedule]] = {"plasticity": Plasticity, "gradnorm": GradNorm}
+_SHORTHANDS: dict[str, Callable[..., Schedule]] = {
+    "dynamic": Dynamic, "plasticity": Plasticity, "gradnorm": GradNorm,
+    "static": functools.partial(Static, "quadratic"),
+    **{kind: functools.partial(Static, kind) for kind in ("quadratic", "linear", "exponential")},
+    "sgd": PlainSGD, "none": PlainSGD, "manual": Manual}
+#: The string shorthands accepted by :func:`make_schedule`.
+SCHEDULE_NAMES: tuple[str, ...] = tuple(_SHORTHANDS)
