@@ -215,10 +215,16 @@ def _restore(hint: Any, value: Any, where: str) -> Any:
         if key_type is int and not all(_is_int(k) or (isinstance(k, str) and k.lstrip("-").isdigit()) for k in value):
             raise ValueError(f"{where} must map layer indices to values, got keys {sorted(map(str, value))}")
         return {key_type(k): _restore(value_type, v, f"{where}[{k!r}]") for k, v in value.items()}
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [_restore(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif hint is dict and isinstance(value, Mapping) or hint is list and isinstance(value, (list, tuple)):
+        return hint(value)
     elif hint is bool and isinstance(value, bool) or hint is str and isinstance(value, str):
         return value
     elif hint in (int, float) and (_is_int(value) if hint is int else _is_real(value)):
         return hint(value)
+    elif hint not in (int, float, bool, str, dict, list) and origin not in (dict, list):
+        return value   # a type this check does not model (Any, a class of the user's): taken as it is
     raise ValueError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
 
 

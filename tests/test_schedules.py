@@ -755,3 +755,50 @@ def test_load_state_dict_names_the_bad_key_and_leaves_the_schedule_unchanged(cha
     with pytest.raises(ValueError, match="Dynamic state lacks key 'running_avg'"):
         s.load_state_dict({k: v for k, v in OLD_STATES["dynamic"].items() if k != "running_avg"})
     assert s.state_dict() == before
+
+
+def test_user_schedules_get_state_stats_and_repr_from_the_base():
+    from dataclasses import dataclass
+
+    from localsgd_fx.schedules import state
+
+    @dataclass(eq=False, repr=False, kw_only=True)
+    class EveryK(Schedule):             # the way docs/DESIGN.md §4.4 shows
+        k: int = 3
+        moves: int = state(0)
+        last: dict = state(factory=dict, stats=True)
+
+        def propose(self, stats):
+            move = stats.epoch % self.k == 0
+            self.moves += move
+            self.last = {"moved": float(move)}
+            return stats.transition + move
+
+    class OldStyle(Schedule):           # the way before dataclasses: extends state_dict / load_state_dict itself
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def propose(self, stats):
+            self.count += 1
+            return 0
+
+        def state_dict(self):
+            return {**super().state_dict(), "count": self.count}
+
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.count = state["count"]
+
+    s = EveryK(k=2)
+    assert run(s, 6, 5, range(1, 6)) == [0, 1, 1, 2, 2] and repr(s) == "EveryK(k=2)" and s.log_stats() == {"moved": 0.0}
+    b = EveryK()
+    b.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert (b.k, b.moves, b.log_stats()) == (2, 2, {"moved": 0.0}) and b.state_dict() == s.state_dict()
+    with pytest.raises(ValueError, match="EveryK state key 'moves' must be int"):
+        b.load_state_dict({**s.state_dict(), "moves": 1.5})
+    old = OldStyle()
+    run(old, 6, 5, range(1, 4))
+    again = OldStyle()
+    again.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert again.count == 3 and again.num_layers == 6 and repr(again) == "OldStyle()"
