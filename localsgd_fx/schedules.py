@@ -167,6 +167,16 @@ def _flag(name: str, v: Any) -> bool:
 
 #: layers: an int >= 1, or a float in (0, 1], a fraction of the layers (Static's c1, every shift)
 _LAYERS = _int_or_fraction(1, "layers", "(0, 1]", lambda v: 0.0 < v <= 1.0, "the layers")
+_BETA = _real("[0, 1)", lambda v: 0.0 <= v < 1.0)
+_PATIENCE = _int(1, " (checks in a row)")
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(name: str, v: Any) -> Any:
+        if v not in options:
+            raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+        return v
+    return check
 
 
 def _layers(value: int | float, num_layers: int) -> int:
@@ -232,25 +242,26 @@ def _restore(hint: Any, value: Any, where: str) -> Any:
 def _saved(cls: type) -> dict[str, tuple[Any, Any]]:
     """What ``cls.state_dict`` saves: key -> (declared type, field or None): the bound values, the options
     and the state fields."""
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:   # an annotation naming something out of reach: no type check
+        hints = {}
     out: dict[str, tuple[Any, Any]] = {name: (int | None, None) for name in Schedule.BOUND}
     for f in _fields(cls):
         if f.init or f.metadata.get("state"):
-            out[f.name] = (hints[f.name], f)
+            out[f.name] = (hints.get(f.name, Any), f)
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The base class
-# ---------------------------------------------------------------------------------------------
+# -- The base class ---------------------------------------------------------------------------
 class Schedule(ABC):
     """Base class of the learning-mode selectors.
 
     Subclasses implement :meth:`propose`; the constraints (monotone, at most ``max_local``) are applied by
     :meth:`select`, once, for every schedule. A subclass that takes options or keeps state is a dataclass (as
-    the provided ones: ``@dataclass(eq=False, repr=False, kw_only=True)``): options are init fields (with
-    :func:`_option` they are checked), state fields are made with :func:`state`; ``state_dict``,
-    ``load_state_dict``, ``log_stats`` and the repr then come from the base.
+    the provided ones: ``@dataclass(eq=False, repr=False, kw_only=True)``): options are init fields (a
+    ``check(name, value)`` in a field's metadata validates it), state fields are made with :func:`state`;
+    ``state_dict``, ``load_state_dict``, ``log_stats`` and the repr then come from the base.
 
     The model wrapper calls :meth:`bind` once (when it knows the number of layers) and :meth:`select` at every
     epoch end. :meth:`select` binds from the stats if :meth:`bind` was never called, so a schedule can also be
@@ -423,21 +434,7 @@ class _Shifting(Schedule):
         return t + self.shift_layers if move else t
 
 
-def _choice(options: tuple[str, ...]) -> Check:
-    def check(name: str, v: Any) -> Any:
-        if v not in options:
-            raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
-        return v
-    return check
-
-
-_BETA = _real("[0, 1)", lambda v: 0.0 <= v < 1.0)
-_PATIENCE = _int(1, " (checks in a row)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Static
-# ---------------------------------------------------------------------------------------------
+# -- Static -----------------------------------------------------------------------------------
 @_schedule
 class Static(Schedule):
     """Closed-form schedule of docs/DESIGN.md §4.1: ``t = floor(c1 * f(u))``.
@@ -529,9 +526,7 @@ class Static(Schedule):
         return int(t)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dynamic
-# ---------------------------------------------------------------------------------------------
+# -- Dynamic ----------------------------------------------------------------------------------
 @_schedule
 class Dynamic(_Shifting):
     """The paper's Algorithm 1: move the boundary when the transition layer stops learning.
@@ -622,9 +617,7 @@ class Dynamic(_Shifting):
         return self._step(t, move)  # line 2 / line 4
 
 
-# ---------------------------------------------------------------------------------------------
-# Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze)
-# ---------------------------------------------------------------------------------------------
+# -- Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze) --------------
 @_schedule
 class _SignalSchedule(_Shifting):
     """Moves the boundary by ``shift`` when the transition layer's signal has settled on
@@ -776,9 +769,7 @@ class GradNorm(_SignalSchedule):
         return rate < self.threshold
 
 
-# ---------------------------------------------------------------------------------------------
-# Custom, baseline and manual
-# ---------------------------------------------------------------------------------------------
+# -- Custom, baseline and manual --------------------------------------------------------------
 def _callable(name: str, v: Any) -> Any:
     if not callable(v):
         raise TypeError(f"{name} must be callable as {name}(epoch, stats), got {v!r}")
