@@ -14,7 +14,7 @@ and :class:`GradNorm` (AutoFreeze: its gradient norm stopped changing), both of 
 (keeps ``t``; the user moves it). :func:`make_schedule` builds one from a shorthand, a callable or an instance.
 
 Every schedule is a dataclass: its init fields are its options (validated by the ``check`` in their metadata, and
-shown by the repr); fields made with :func:`state` are its decision state. :meth:`Schedule.state_dict`,
+shown by the repr); fields made with :func:`state_field` are its decision state. :meth:`Schedule.state_dict`,
 :meth:`Schedule.load_state_dict` and :meth:`Schedule.log_stats` are written once, from the fields.
 
 ``warmup_epochs`` (Dynamic and the signal schedules) counts completed epochs (``stats.epoch``); signals are recorded
@@ -39,7 +39,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 __all__ = ["EpochStats", "Schedule", "Static", "Dynamic", "Plasticity", "GradNorm", "PolicySchedule", "PlainSGD",
-           "Manual", "make_schedule", "state", "SCHEDULE_NAMES"]
+           "Manual", "make_schedule", "state_field", "SCHEDULE_NAMES"]
 
 # ---------------------------------------------------------------------------------------------
 # Defaults, in one visible place. They sit inside the paper's good range and are meant to be
@@ -190,7 +190,7 @@ def _option(default: Any, check: Check, *, optional: bool = False, kw_only: bool
     return field(default=default, kw_only=kw_only, metadata={"check": check, "optional": optional})
 
 
-def state(default: Any = None, *, factory: Callable[[], Any] | None = None, stats: bool = False) -> Any:
+def state_field(default: Any = None, *, factory: Callable[[], Any] | None = None, stats: bool = False) -> Any:
     """A decision-state field of a schedule: not an argument and not in the repr, saved by ``state_dict``.
 
     ``stats=True`` marks a ``dict[str, float]`` whose items :meth:`Schedule.log_stats` reports (a state dict
@@ -260,7 +260,7 @@ class Schedule(ABC):
     Subclasses implement :meth:`propose`; the constraints (monotone, at most ``max_local``) are applied by
     :meth:`select`, once, for every schedule. A subclass that takes options or keeps state is a dataclass (as
     the provided ones: ``@dataclass(eq=False, repr=False, kw_only=True)``): options are init fields (a
-    ``check(name, value)`` in a field's metadata validates it), state fields are made with :func:`state`;
+    ``check(name, value)`` in a field's metadata validates it), state fields are made with :func:`state_field`;
     ``state_dict``, ``load_state_dict``, ``log_stats`` and the repr then come from the base.
 
     The model wrapper calls :meth:`bind` once (when it knows the number of layers) and :meth:`select` at every
@@ -423,7 +423,7 @@ class _Shifting(Schedule):
     """A schedule that moves ``t`` by ``shift`` layers: an int ``>= 1``, or a float in ``(0, 1]`` meaning a
     fraction of ``num_layers`` (floored, at least 1 layer), resolved at :meth:`bind` into ``shift_layers``."""
 
-    shift_layers: int | None = state()
+    shift_layers: int | None = state_field()
 
     def _resolve(self) -> None:
         assert self.num_layers is not None
@@ -471,9 +471,9 @@ class Static(Schedule):
                               _int_or_fraction(0, "epoch", "[0, 1)", lambda v: 0.0 <= v < 1.0, "total_epochs"))
     total_epochs: int | None = _option(None, _optional(_int(1)))
     k: float = _option(STATIC_DEFAULT_K, _real("(0, inf)", lambda v: v > 0.0))
-    c1_layers: int | None = state()   # resolved by bind()
-    c2_epochs: int | None = state()
-    last: dict[str, float] = state(factory=dict, stats=True)   # {"u", "f", "target"} of the last proposal
+    c1_layers: int | None = state_field()   # resolved by bind()
+    c2_epochs: int | None = state_field()
+    last: dict[str, float] = state_field(factory=dict, stats=True)   # {"u", "f", "target"} of the last proposal
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -576,9 +576,9 @@ class Dynamic(_Shifting):
     beta: float = _option(DYNAMIC_DEFAULT_BETA, _BETA)
     warmup_epochs: int = _option(DYNAMIC_DEFAULT_WARMUP_EPOCHS, _int(0))
     per_lr: bool = _option(False, _flag, optional=True)   # optional: states written before it existed lack it
-    running_avg: dict[int, float] = state(factory=dict)
-    last_delta: dict[int, float] = state(factory=dict)
-    last: dict[str, float] = state(factory=dict, stats=True)
+    running_avg: dict[int, float] = state_field(factory=dict)
+    last_delta: dict[int, float] = state_field(factory=dict)
+    last: dict[str, float] = state_field(factory=dict, stats=True)
 
     def propose(self, stats: EpochStats) -> int:
         self._bind_from(stats)
@@ -634,11 +634,11 @@ class _SignalSchedule(_Shifting):
     patience: int = _option(PLASTICITY_DEFAULT_PATIENCE, _PATIENCE)
     decide_every: int | None = _option(
         None, _optional(_int(1, " (training steps between decisions) or None (at epoch ends)")))
-    steps_since_decision: int = state(0)
-    layer: int | None = state()     # the transition layer the history below belongs to
-    checks: int = state(0)          # signal values seen for that layer
-    settled_checks: int = state(0)  # of them, how many in a row were settled
-    last: dict[str, float] = state(factory=dict, stats=True)
+    steps_since_decision: int = state_field(0)
+    layer: int | None = state_field()     # the transition layer the history below belongs to
+    checks: int = state_field(0)          # signal values seen for that layer
+    settled_checks: int = state_field(0)  # of them, how many in a row were settled
+    last: dict[str, float] = state_field(factory=dict, stats=True)
 
     def due(self) -> bool:
         if self.decide_every is None:
@@ -713,7 +713,7 @@ class Plasticity(_SignalSchedule):
     threshold: float = _option(PLASTICITY_DEFAULT_THRESHOLD, _real("(0, 1)", lambda v: 0.0 < v < 1.0))
     beta: float = _option(PLASTICITY_DEFAULT_BETA, _BETA)
     probe_size: int = _option(PLASTICITY_DEFAULT_PROBE_SIZE, _int(1, " (images)"))
-    running_avg: float | None = state()
+    running_avg: float | None = state_field()
 
     def _restart(self) -> None:
         self.running_avg = None
@@ -754,7 +754,7 @@ class GradNorm(_SignalSchedule):
     signals = (signal,)
     patience: int = _option(GRADNORM_DEFAULT_PATIENCE, _PATIENCE)
     threshold: float = _option(GRADNORM_DEFAULT_THRESHOLD, _real("(0, inf)", lambda v: v > 0.0))
-    previous: float | None = state()
+    previous: float | None = state_field()
 
     def _restart(self) -> None:
         self.previous = None

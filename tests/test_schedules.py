@@ -760,13 +760,13 @@ def test_load_state_dict_names_the_bad_key_and_leaves_the_schedule_unchanged(cha
 def test_user_schedules_get_state_stats_and_repr_from_the_base():
     from dataclasses import dataclass
 
-    from localsgd_fx.schedules import state
+    from localsgd_fx.schedules import state_field
 
     @dataclass(eq=False, repr=False, kw_only=True)
     class EveryK(Schedule):             # the way docs/DESIGN.md §4.4 shows
         k: int = 3
-        moves: int = state(0)
-        last: dict = state(factory=dict, stats=True)
+        moves: int = state_field(0)
+        last: dict = state_field(factory=dict, stats=True)
 
         def propose(self, stats):
             move = stats.epoch % self.k == 0
