@@ -1,71 +1,45 @@
 """Learning-mode selection: which layers are LOCAL and which are SGD (docs/DESIGN.md §4).
 
-A *schedule* (selector) is asked at the end of every epoch (or, if it has ``decide_every``,
-every that many training steps) for the next transition layer ``t``: layers ``0..t-1`` are updated with the local rule, layers ``t..N-1`` with SGD.
-Every schedule obeys the paper's constraints, enforced in one place,
-:meth:`Schedule.select`:
+A *schedule* (selector) is asked at the end of every epoch (or, if it has ``decide_every``, every that many
+training steps) for the next transition layer ``t``: layers ``0..t-1`` are updated with the local rule, layers
+``t..N-1`` with SGD. Every schedule obeys the paper's constraints, enforced once, in :meth:`Schedule.select`:
+training starts at ``t = 0`` (plain SGD); ``t`` never decreases (each layer switches at most once, SGD -> LOCAL);
+``t`` never exceeds ``max_local`` (by default ``N - 1``: the classifier stays on SGD). A schedule only implements
+:meth:`Schedule.propose` (its raw wish), which :meth:`Schedule.select` clips to ``[stats.transition, max_local]``.
 
-* training starts at ``t = 0`` (plain SGD),
-* ``t`` never decreases (each layer switches at most once, SGD -> LOCAL),
-* ``t`` never exceeds ``max_local`` (by default ``N - 1``: the classifier stays on SGD).
+Provided: :class:`Static` (a closed-form function of the epoch), :class:`Dynamic` (the paper's Algorithm 1, on the
+per-layer SGD update norms), :class:`Plasticity` (Egeria: the transition layer's output on a probe batch settled)
+and :class:`GradNorm` (AutoFreeze: its gradient norm stopped changing), both of which may decide every
+``decide_every`` steps; :class:`PolicySchedule` (a user callable), :class:`PlainSGD` (always 0) and :class:`Manual`
+(keeps ``t``; the user moves it). :func:`make_schedule` builds one from a shorthand, a callable or an instance.
 
-A schedule only implements :meth:`Schedule.propose` (its raw wish); :meth:`Schedule.select`
-clips that wish to ``[stats.transition, max_local]``.
+Every schedule is a dataclass: its init fields are its options (validated by the ``check`` in their metadata, and
+shown by the repr); fields made with :func:`state_field` are its decision state. :meth:`Schedule.state_dict`,
+:meth:`Schedule.load_state_dict` and :meth:`Schedule.log_stats` are written once, from the fields.
 
-Provided schedules:
+``warmup_epochs`` (Dynamic and the signal schedules) counts completed epochs (``stats.epoch``); signals are recorded
+from the start, moves wait for the warm-up. Dynamic judges the epoch that just ended, which must itself lie past the
+warm-up (``stats.epoch > warmup_epochs``: first move at the end of epoch ``warmup_epochs + 1``); a signal schedule
+judges the change since its previous check and may move once ``warmup_epochs`` epochs are complete
+(``stats.epoch >= warmup_epochs``), its first check on a layer only setting a reference.
 
-* :class:`Static` - a closed-form function of the epoch (linear / quadratic / exponential).
-* :class:`Dynamic` - the paper's Algorithm 1, driven by the per-layer SGD update norms.
-* :class:`Plasticity` - moves when the transition layer's output on a fixed probe batch has
-  settled (Egeria); may decide every ``decide_every`` training steps.
-* :class:`GradNorm` - moves when the transition layer's gradient norm has stopped changing
-  (AutoFreeze); may decide every ``decide_every`` training steps.
-* :class:`PolicySchedule` - wraps a user callable ``policy(epoch, stats) -> int``.
-* :class:`PlainSGD` - always proposes 0 (the plain-SGD baseline).
-* :class:`Manual` - proposes the current ``t`` (the user moves it with ``set_transition``).
-
-:func:`make_schedule` builds one from a string shorthand, a callable or an instance.
-
-This module is pure Python (no torch) and depends on no other ``localsgd_fx`` module; all
-state is plain, JSON-serialisable data so that a resumed run makes the same decisions.
+This module is pure Python (no torch) and depends on no other ``localsgd_fx`` module; all state is plain,
+JSON-serialisable data, so that a resumed run makes the same decisions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import types
+import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Callable, ClassVar, Mapping
 
-__all__ = [
-    "EpochStats",
-    "Schedule",
-    "Static",
-    "Dynamic",
-    "Plasticity",
-    "GradNorm",
-    "PolicySchedule",
-    "PlainSGD",
-    "Manual",
-    "make_schedule",
-    "SCHEDULE_NAMES",
-    "STATIC_DEFAULT_C1",
-    "STATIC_DEFAULT_C2",
-    "STATIC_DEFAULT_K",
-    "DYNAMIC_DEFAULT_ALPHA",
-    "DYNAMIC_DEFAULT_SHIFT",
-    "DYNAMIC_DEFAULT_BETA",
-    "DYNAMIC_DEFAULT_WARMUP_EPOCHS",
-    "SIGNAL_DEFAULT_SHIFT",
-    "SIGNAL_DEFAULT_WARMUP_EPOCHS",
-    "PLASTICITY_DEFAULT_THRESHOLD",
-    "PLASTICITY_DEFAULT_BETA",
-    "PLASTICITY_DEFAULT_PATIENCE",
-    "PLASTICITY_DEFAULT_PROBE_SIZE",
-    "GRADNORM_DEFAULT_THRESHOLD",
-    "GRADNORM_DEFAULT_PATIENCE",
-]
+__all__ = ["EpochStats", "Schedule", "Static", "Dynamic", "Plasticity", "GradNorm", "PolicySchedule", "PlainSGD",
+           "Manual", "make_schedule", "state_field", "SCHEDULE_NAMES"]
 
 # ---------------------------------------------------------------------------------------------
 # Defaults, in one visible place. They sit inside the paper's good range and are meant to be
@@ -89,7 +63,7 @@ DYNAMIC_DEFAULT_ALPHA: float = 0.3
 DYNAMIC_DEFAULT_SHIFT: float = 0.1
 #: Dynamic: decay of the exponential running average (Algorithm 1 line 1).
 DYNAMIC_DEFAULT_BETA: float = 0.9
-#: Dynamic: no move while ``stats.epoch <= warmup_epochs`` (the history is still recorded).
+#: Dynamic: no move while ``stats.epoch <= warmup_epochs``: the first move can come at the end of epoch 2.
 DYNAMIC_DEFAULT_WARMUP_EPOCHS: int = 1
 #: Plasticity and gradnorm: layers to move per decision (as Dynamic's SHIFT), and no move before
 #: this many epochs are complete (their signals are still recorded).
@@ -105,20 +79,6 @@ PLASTICITY_DEFAULT_PROBE_SIZE: int = 64
 #: THRESHOLD on PATIENCE checks in a row.
 GRADNORM_DEFAULT_THRESHOLD: float = 0.1
 GRADNORM_DEFAULT_PATIENCE: int = 2
-
-#: The string shorthands accepted by :func:`make_schedule`.
-SCHEDULE_NAMES: tuple[str, ...] = (
-    "dynamic",
-    "plasticity",
-    "gradnorm",
-    "static",
-    "quadratic",
-    "linear",
-    "exponential",
-    "sgd",
-    "none",
-    "manual",
-)
 
 _STATIC_KINDS: tuple[str, ...] = ("linear", "quadratic", "exponential")
 
@@ -155,7 +115,8 @@ class EpochStats:
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checking helpers: every message names the argument and its valid range.
+# Options and state: argument checks (every message names the argument and its valid range),
+# the field makers, and the conversion of saved state back to its declared types.
 # ---------------------------------------------------------------------------------------------
 def _is_int(x: Any) -> bool:
     # bool is an int subclass, but True as "1 layer" is almost surely a mistake.
@@ -166,28 +127,145 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_int(name: str, value: Any, lo: int, what: str = "") -> int:
-    if not _is_int(value) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}{what}, got {value!r}")
-    return int(value)
+Check = Callable[[str, Any], Any]   # (argument name, value) -> the value, normalised; raises ValueError
 
 
-def _check_real(name: str, value: Any, rng: str, ok: Callable[[float], bool]) -> float:
-    if not _is_real(value) or not math.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name} must be a float in {rng}, got {value!r}")
-    return float(value)
+def _int(lo: int, what: str = "") -> Check:
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}{what}, got {value!r}")
+        return int(value)
+    return check
 
 
+def _real(rng: str, ok: Callable[[float], bool]) -> Check:
+    def check(name: str, value: Any) -> float:
+        if not _is_real(value) or not math.isfinite(value) or not ok(float(value)):
+            raise ValueError(f"{name} must be a float in {rng}, got {value!r}")
+        return float(value)
+    return check
+
+
+def _optional(check: Check) -> Check:
+    return lambda name, v: None if v is None else check(name, v)
+
+
+def _int_or_fraction(lo: int, unit: str, rng: str, ok: Callable[[float], bool], of: str) -> Check:
+    """An int ``>= lo`` (a count of ``unit``), or a float in ``rng`` (a fraction of ``of``)."""
+    def check(name: str, v: Any) -> int | float:
+        if _is_int(v):
+            return _int(lo, f" ({unit}) or a float in {rng} (fraction of {of})")(name, v)
+        return _real(f"{rng} (fraction of {of}) or an int >= {lo} ({unit})", ok)(name, v)
+    return check
+
+
+def _flag(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+#: layers: an int >= 1, or a float in (0, 1], a fraction of the layers (Static's c1, every shift)
+_LAYERS = _int_or_fraction(1, "layers", "(0, 1]", lambda v: 0.0 < v <= 1.0, "the layers")
+_BETA = _real("[0, 1)", lambda v: 0.0 <= v < 1.0)
+_PATIENCE = _int(1, " (checks in a row)")
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(name: str, v: Any) -> Any:
+        if v not in options:
+            raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+        return v
+    return check
+
+
+def _layers(value: int | float, num_layers: int) -> int:
+    """A count checked by ``_LAYERS`` resolved against the model: the int itself, or the floored fraction."""
+    return value if isinstance(value, int) else math.floor(value * num_layers)
+
+
+def _option(default: Any, check: Check, *, optional: bool = False, kw_only: bool = True) -> Any:
+    """An option (init field): ``check`` validates it at construction and at ``load_state_dict``. ``optional``:
+    a state dict may lack it (one written before it existed), and then gets the default."""
+    return field(default=default, kw_only=kw_only, metadata={"check": check, "optional": optional})
+
+
+def state_field(default: Any = None, *, factory: Callable[[], Any] | None = None, stats: bool = False) -> Any:
+    """A decision-state field of a schedule: not an argument and not in the repr, saved by ``state_dict``.
+
+    ``stats=True`` marks a ``dict[str, float]`` whose items :meth:`Schedule.log_stats` reports (a state dict
+    may lack it: it is for logging only)."""
+    kw = {"default_factory": factory} if factory is not None else {"default": default}
+    return field(init=False, repr=False, metadata={"state": True, "stats": stats, "optional": stats}, **kw)
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    return fields(obj) if is_dataclass(obj) else ()
+
+
+def _plain(value: Any) -> Any:
+    """Saved form: dicts copied with str keys (JSON object keys are strings)."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _restore(hint: Any, value: Any, where: str) -> Any:
+    """``value`` from a state dict (maybe after a JSON round trip) as the declared type ``hint``; else a
+    ``ValueError`` that names ``where``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: not (a is int and _is_int(value))):
+            try:
+                return _restore(arg, value, where)
+            except ValueError:
+                pass
+    elif origin is dict and isinstance(value, Mapping):
+        key_type, value_type = args
+        if key_type is int and not all(_is_int(k) or (isinstance(k, str) and k.lstrip("-").isdigit()) for k in value):
+            raise ValueError(f"{where} must map layer indices to values, got keys {sorted(map(str, value))}")
+        return {key_type(k): _restore(value_type, v, f"{where}[{k!r}]") for k, v in value.items()}
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [_restore(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif hint is dict and isinstance(value, Mapping) or hint is list and isinstance(value, (list, tuple)):
+        return hint(value)
+    elif hint is bool and isinstance(value, bool) or hint is str and isinstance(value, str):
+        return value
+    elif hint in (int, float) and (_is_int(value) if hint is int else _is_real(value)):
+        return hint(value)
+    elif hint not in (int, float, bool, str, dict, list) and origin not in (dict, list):
+        return value   # a type this check does not model (Any, a class of the user's): taken as it is
+    raise ValueError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+@functools.cache
+def _saved(cls: type) -> dict[str, tuple[Any, Any]]:
+    """What ``cls.state_dict`` saves: key -> (declared type, field or None): the bound values, the options
+    and the state fields."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:   # an annotation naming something out of reach: no type check
+        hints = {}
+    out: dict[str, tuple[Any, Any]] = {name: (int | None, None) for name in Schedule.BOUND}
+    for f in _fields(cls):
+        if f.init or f.metadata.get("state"):
+            out[f.name] = (hints.get(f.name, Any), f)
+    return out
+
+
+# -- The base class ---------------------------------------------------------------------------
 class Schedule(ABC):
     """Base class of the learning-mode selectors.
 
-    Subclasses implement :meth:`propose`; the constraints (monotone, at most ``max_local``)
-    are applied by :meth:`select`, once, for every schedule. Subclasses that keep state
-    extend :meth:`state_dict` / :meth:`load_state_dict` with plain Python data.
+    Subclasses implement :meth:`propose`; the constraints (monotone, at most ``max_local``) are applied by
+    :meth:`select`, once, for every schedule. A subclass that takes options or keeps state is a dataclass (as
+    the provided ones: ``@dataclass(eq=False, repr=False, kw_only=True)``): options are init fields (a
+    ``check(name, value)`` in a field's metadata validates it), state fields are made with :func:`state_field`;
+    ``state_dict``, ``load_state_dict``, ``log_stats`` and the repr then come from the base.
 
-    The model wrapper calls :meth:`bind` once (when it knows the number of layers) and
-    :meth:`select` at every epoch end. :meth:`select` binds from the stats if :meth:`bind` was
-    never called, so a schedule can also be driven by hand.
+    The model wrapper calls :meth:`bind` once (when it knows the number of layers) and :meth:`select` at every
+    epoch end. :meth:`select` binds from the stats if :meth:`bind` was never called, so a schedule can also be
+    driven by hand.
 
     Example::
 
@@ -204,11 +282,16 @@ class Schedule(ABC):
     signals: tuple[str, ...] = ()
     #: Decide every this many training steps instead of at epoch ends (``None``: epoch ends).
     decide_every: int | None = None
+    #: The values :meth:`bind` resolves against the model (saved by :meth:`state_dict` for every schedule).
+    BOUND: tuple[str, ...] = ("num_layers", "max_local", "total_epochs")
+    num_layers: int | None = None
+    max_local: int | None = None
+    total_epochs: int | None = None
 
-    def __init__(self) -> None:
-        self.num_layers: int | None = None
-        self.max_local: int | None = None
-        self.total_epochs: int | None = None
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.init and "check" in f.metadata:
+                setattr(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
 
     # -- binding -----------------------------------------------------------------------------
     @property
@@ -217,26 +300,18 @@ class Schedule(ABC):
         return self.num_layers is not None
 
     def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
-        """Resolve fractions against the model and validate the arguments.
-
-        Args:
-            num_layers: ``N``, the number of conv/linear layers (>= 1).
-            max_local: the largest transition allowed, in ``[0, num_layers]``.
-            total_epochs: length of the run in epochs, if known (needed by :class:`Static`).
+        """Resolve fractions against the model (``num_layers`` = ``N`` >= 1 layers; the largest transition
+        ``max_local`` in ``[0, N]``; the run length ``total_epochs``, if known: :class:`Static` needs it).
 
         Raises:
             ValueError: on an invalid argument, or one this schedule cannot work with.
         """
-        num_layers = _check_int("num_layers", num_layers, 1)
+        num_layers = _int(1)("num_layers", num_layers)
         if not _is_int(max_local) or not 0 <= max_local <= num_layers:
-            raise ValueError(
-                f"max_local must be an int in [0, num_layers={num_layers}], got {max_local!r}"
-            )
-        if total_epochs is not None:
-            total_epochs = _check_int("total_epochs", total_epochs, 1)
+            raise ValueError(f"max_local must be an int in [0, num_layers={num_layers}], got {max_local!r}")
+        total_epochs = _optional(_int(1))("total_epochs", total_epochs)
         old = (self.num_layers, self.max_local, self.total_epochs)
-        self.num_layers, self.max_local = num_layers, int(max_local)
-        self.total_epochs = total_epochs
+        self.num_layers, self.max_local, self.total_epochs = num_layers, int(max_local), total_epochs
         try:
             self._resolve()
         except Exception:
@@ -247,29 +322,20 @@ class Schedule(ABC):
     def _resolve(self) -> None:
         """Hook for subclasses: resolve fractions once the model is known."""
 
+    def _bind_from(self, stats: EpochStats) -> None:
+        """Bind from the stats if not bound yet (:meth:`propose` may be called directly)."""
+        if not self.bound:
+            self.bind(stats.num_layers, stats.max_local)
+
     # -- decisions ---------------------------------------------------------------------------
     @abstractmethod
     def propose(self, stats: EpochStats) -> int:
-        """The schedule's raw wish for the next transition (before the constraints).
-
-        Args:
-            stats: the statistics of the epoch that just ended.
-
-        Returns:
-            A layer index; :meth:`select` clips it to ``[stats.transition, max_local]``.
-        """
+        """The schedule's raw wish for the next transition, a layer index, from the statistics of the epoch
+        that just ended; :meth:`select` clips it to ``[stats.transition, max_local]``."""
 
     def select(self, stats: EpochStats) -> int:
-        """The next transition layer: ``clip(propose(stats), stats.transition, max_local)``.
-
-        The lower bound wins over the upper one: if the current transition is already past
-        ``max_local`` (set by hand), it is kept, since a layer never goes back to SGD.
-
-        Args:
-            stats: the statistics of the epoch that just ended.
-
-        Returns:
-            The transition layer for the next epoch.
+        """The next transition layer: ``clip(propose(stats), stats.transition, max_local)``. The lower bound wins:
+        a transition already past ``max_local`` (set by hand) is kept, since a layer never goes back to SGD.
 
         Example::
 
@@ -282,26 +348,21 @@ class Schedule(ABC):
             self.bind(stats.num_layers, stats.max_local, self.total_epochs)
         proposal = self.propose(stats)
         if not _is_int(proposal):
-            raise TypeError(
-                f"{type(self).__name__}.propose must return an int layer index, got "
-                f"{proposal!r} ({type(proposal).__name__})"
-            )
+            raise TypeError(f"{type(self).__name__}.propose must return an int layer index, got "
+                            f"{proposal!r} ({type(proposal).__name__})")
         return max(int(stats.transition), min(int(proposal), int(stats.max_local)))
 
-    # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The full state (arguments, bound values, history) as JSON-able plain data.
+    def due(self) -> bool:
+        """Count one training step; whether a decision is due after it (never, for a schedule that
+        decides at epoch ends only)."""
+        return False
 
-        Returns:
-            A dict that :meth:`load_state_dict` of a fresh instance of the same class turns
-            into a schedule making the same decisions.
-        """
-        return {
-            "type": type(self).__name__,
-            "num_layers": self.num_layers,
-            "max_local": self.max_local,
-            "total_epochs": self.total_epochs,
-        }
+    # -- state, from the dataclass fields ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (bound values, options, decision state) as JSON-able plain data: a dict that
+        :meth:`load_state_dict` of a fresh instance of the same class turns into a schedule making the
+        same decisions."""
+        return {"type": type(self).__name__, **{key: _plain(getattr(self, key)) for key in _saved(type(self))}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state returned by :meth:`state_dict` (overrides constructor arguments).
@@ -310,33 +371,71 @@ class Schedule(ABC):
             state: a dict from :meth:`state_dict`, possibly after a JSON round trip.
 
         Raises:
-            ValueError: if the state belongs to another schedule class.
+            ValueError: if the state belongs to another schedule class, lacks a key, has an unknown one, or
+                holds a value of the wrong type or outside an option's range (the message names the key);
+                the schedule is then unchanged.
         """
-        kind = state.get("type")
-        if kind != type(self).__name__:
-            raise ValueError(
-                f"cannot load a {kind!r} schedule state into a {type(self).__name__} schedule"
-            )
-        self.num_layers = state["num_layers"]
-        self.max_local = state["max_local"]
-        self.total_epochs = state["total_epochs"]
+        name = type(self).__name__
+        kind = state.get("type") if isinstance(state, Mapping) else None
+        if kind != name:
+            raise ValueError(f"cannot load a {kind!r} schedule state into a {name} schedule")
+        saved = _saved(type(self))
+        unknown = sorted(set(state) - set(saved) - {"type"})
+        if unknown and type(self).load_state_dict is Schedule.load_state_dict:   # else the override reads them
+            raise ValueError(f"{name} state has unknown keys {unknown}; it takes {sorted(saved)}")
+        values = {}
+        for key, (hint, f) in saved.items():
+            if key in state:
+                values[key] = _restore(hint, state[key], f"{name} state key {key!r}")
+            elif f is not None and f.metadata.get("optional"):
+                values[key] = f.default if f.default_factory is MISSING else f.default_factory()
+            else:
+                raise ValueError(f"{name} state lacks key {key!r}")
+        options = {key: values[key] for key, (_, f) in saved.items() if f is not None and f.init}
+        try:   # the options pass the constructor's checks
+            if options:
+                type(self)(**options)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name} state: {e}") from None
+        for key, value in values.items():
+            setattr(self, key, value)
 
     def log_stats(self) -> dict[str, float]:
-        """Scalars describing the last decision, for logging (empty by default)."""
-        return {}
-
-    def due(self) -> bool:
-        """Count one training step; whether a decision is due after it (never, for a schedule that
-        decides at epoch ends only)."""
-        return False
+        """Scalars describing the last decision, for logging: the items of the state fields marked
+        ``stats`` (empty before the first decision)."""
+        return {k: v for f in _fields(self) if f.metadata.get("stats")
+                for k, v in getattr(self, f.name).items()}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        """``Name(positional, option=value, ...)``; an option that is ``False`` is left out."""
+        shown = ((f, getattr(self, f.name)) for f in _fields(self) if f.init)
+        args = ((f"{f.name}=" if f.kw_only else "") + repr(v) for f, v in shown if v is not False)
+        return f"{type(self).__name__}({', '.join(args)})"
 
 
-# ---------------------------------------------------------------------------------------------
-# Static
-# ---------------------------------------------------------------------------------------------
+def _schedule(cls: type) -> type:
+    """The dataclass form of a schedule: options keyword-only, identity equality, the base's repr."""
+    return dataclass(eq=False, repr=False, kw_only=True)(cls)
+
+
+@_schedule
+class _Shifting(Schedule):
+    """A schedule that moves ``t`` by ``shift`` layers: an int ``>= 1``, or a float in ``(0, 1]`` meaning a
+    fraction of ``num_layers`` (floored, at least 1 layer), resolved at :meth:`bind` into ``shift_layers``."""
+
+    shift_layers: int | None = state_field()
+
+    def _resolve(self) -> None:
+        assert self.num_layers is not None
+        self.shift_layers = max(1, _layers(self.shift, self.num_layers))
+
+    def _step(self, t: int, move: bool) -> int:
+        assert self.shift_layers is not None
+        return t + self.shift_layers if move else t
+
+
+# -- Static -----------------------------------------------------------------------------------
+@_schedule
 class Static(Schedule):
     """Closed-form schedule of docs/DESIGN.md §4.1: ``t = floor(c1 * f(u))``.
 
@@ -366,51 +465,28 @@ class Static(Schedule):
         [0, 1, 2, 4]
     """
 
-    def __init__(
-        self,
-        kind: str = "quadratic",
-        *,
-        c1: int | float = STATIC_DEFAULT_C1,
-        c2: int | float = STATIC_DEFAULT_C2,
-        total_epochs: int | None = None,
-        k: float = STATIC_DEFAULT_K,
-    ) -> None:
-        super().__init__()
-        if kind not in _STATIC_KINDS:
-            raise ValueError(f"kind must be one of {list(_STATIC_KINDS)}, got {kind!r}")
-        if _is_int(c1):
-            _check_int("c1", c1, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
-        else:
-            _check_real("c1", c1, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
-                        lambda v: 0.0 < v <= 1.0)
-        if _is_int(c2):
-            _check_int("c2", c2, 0, " (epoch) or a float in [0, 1) (fraction of total_epochs)")
-        else:
-            _check_real("c2", c2, "[0, 1) (fraction of total_epochs) or an int >= 0 (epoch)",
-                        lambda v: 0.0 <= v < 1.0)
-        if total_epochs is not None:
-            total_epochs = _check_int("total_epochs", total_epochs, 1)
-        self.kind = kind
-        self.c1: int | float = int(c1) if _is_int(c1) else float(c1)
-        self.c2: int | float = int(c2) if _is_int(c2) else float(c2)
-        self.k = _check_real("k", k, "(0, inf)", lambda v: v > 0.0)
-        self.total_epochs = total_epochs
-        if total_epochs is not None:
-            self._check_c2(total_epochs)
-        # Resolved by bind().
-        self.c1_layers: int | None = None
-        self.c2_epochs: int | None = None
-        self._last: dict[str, float] = {}
+    kind: str = _option("quadratic", _choice(_STATIC_KINDS), kw_only=False)
+    c1: int | float = _option(STATIC_DEFAULT_C1, _LAYERS)
+    c2: int | float = _option(STATIC_DEFAULT_C2,
+                              _int_or_fraction(0, "epoch", "[0, 1)", lambda v: 0.0 <= v < 1.0, "total_epochs"))
+    total_epochs: int | None = _option(None, _optional(_int(1)))
+    k: float = _option(STATIC_DEFAULT_K, _real("(0, inf)", lambda v: v > 0.0))
+    c1_layers: int | None = state_field()   # resolved by bind()
+    c2_epochs: int | None = state_field()
+    last: dict[str, float] = state_field(factory=dict, stats=True)   # {"u", "f", "target"} of the last proposal
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.total_epochs is not None:
+            self._check_c2(self.total_epochs)
 
     def _c2_epochs(self, total_epochs: int) -> int:
         return self.c2 if isinstance(self.c2, int) else math.floor(self.c2 * total_epochs)
 
     def _check_c2(self, total_epochs: int) -> None:
         if self._c2_epochs(total_epochs) >= total_epochs:
-            raise ValueError(
-                f"c2 must be below total_epochs: c2 is the epoch at which local updates begin, "
-                f"in [0, total_epochs={total_epochs}), got c2={self.c2!r}"
-            )
+            raise ValueError(f"c2 must be below total_epochs: c2 is the epoch at which local updates begin, "
+                             f"in [0, total_epochs={total_epochs}), got c2={self.c2!r}")
 
     def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
         # The constructor's total_epochs wins over the wrapper's (explicit user choice).
@@ -418,24 +494,19 @@ class Static(Schedule):
 
     def _resolve(self) -> None:
         if self.total_epochs is None:
-            raise ValueError(
-                "Static schedule needs the run length: pass total_epochs to Static(...) or to "
-                "compile_localsgd / bind (E_max in u = (E - c2) / (E_max - c2))"
-            )
+            raise ValueError("Static schedule needs the run length: pass total_epochs to Static(...) or to "
+                             "compile_localsgd / bind (E_max in u = (E - c2) / (E_max - c2))")
         self._check_c2(self.total_epochs)
         assert self.num_layers is not None and self.max_local is not None
         if isinstance(self.c1, int) and self.c1 > self.max_local:   # a count the user wrote: never cut silently
             raise ValueError(
                 f"c1={self.c1} layers is more than may turn local: max_local={self.max_local} of this model's "
-                f"{self.num_layers} layers; pass c1 <= {self.max_local}, or a fraction in (0, 1]"
-            )
-        layers = self.c1 if isinstance(self.c1, int) else math.floor(self.c1 * self.num_layers)
-        self.c1_layers = min(layers, self.max_local)
+                f"{self.num_layers} layers; pass c1 <= {self.max_local}, or a fraction in (0, 1]")
+        self.c1_layers = min(_layers(self.c1, self.num_layers), self.max_local)
         self.c2_epochs = self._c2_epochs(self.total_epochs)
 
     def propose(self, stats: EpochStats) -> int:
-        if not self.bound:  # propose() may be called directly; select() binds too.
-            self.bind(stats.num_layers, stats.max_local)
+        self._bind_from(stats)
         c1, c2, e_max = self.c1_layers, self.c2_epochs, self.total_epochs
         assert c1 is not None and c2 is not None and e_max is not None
         e = min(max(int(stats.epoch), c2), e_max)  # clip so that u is in [0, 1]
@@ -451,36 +522,13 @@ class Static(Schedule):
             f = 1.0 if num == den else math.expm1(self.k * u) / math.expm1(self.k)
             # The tiny guard keeps floor() from losing a whole layer to rounding at exact points.
             t = min(c1, math.floor(c1 * f + 1e-9))
-        self._last = {"u": num / den, "f": float(f), "target": float(t)}
+        self.last = {"u": num / den, "f": float(f), "target": float(t)}
         return int(t)
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            kind=self.kind, c1=self.c1, c2=self.c2, k=self.k,
-            c1_layers=self.c1_layers, c2_epochs=self.c2_epochs, last=dict(self._last),
-        )
-        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.kind, self.c1, self.c2, self.k = state["kind"], state["c1"], state["c2"], state["k"]
-        self.c1_layers, self.c2_epochs = state["c1_layers"], state["c2_epochs"]
-        self._last = dict(state.get("last", {}))
-
-    def log_stats(self) -> dict[str, float]:
-        """``{"u", "f", "target"}`` of the last proposal (empty before the first)."""
-        return dict(self._last)
-
-    def __repr__(self) -> str:
-        return (f"Static({self.kind!r}, c1={self.c1!r}, c2={self.c2!r}, "
-                f"total_epochs={self.total_epochs!r}, k={self.k!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Dynamic
-# ---------------------------------------------------------------------------------------------
-class Dynamic(Schedule):
+# -- Dynamic ----------------------------------------------------------------------------------
+@_schedule
+class Dynamic(_Shifting):
     """The paper's Algorithm 1: move the boundary when the transition layer stops learning.
 
     At every epoch end, for every SGD layer ``l`` (index >= transition) with its update norm
@@ -504,12 +552,15 @@ class Dynamic(Schedule):
         shift: layers to move per decision: an int ``>= 1``, or a float in ``(0, 1]`` meaning
             a fraction of ``num_layers`` (floored, at least 1 layer).
         beta: decay of the running average, in ``[0, 1)``.
-        warmup_epochs: no move while ``stats.epoch <= warmup_epochs`` (history is still
-            recorded), an int ``>= 0``.
+        warmup_epochs: no move at the ends of the first ``warmup_epochs`` epochs (``stats.epoch <=
+            warmup_epochs``; history is still recorded), an int ``>= 0``.
         per_lr: compare ``delta_E / mean_lr_E`` instead of ``delta_E`` (``stats.mean_lr`` must be
             given). An SGD update scales with the learning rate, so without this the test also fires
             when the rate falls fast between epochs (short cosine runs) and hardly fires when it
             falls slowly (long runs); divided by the rate, it asks whether the layer settled.
+
+    :meth:`log_stats`: ``{"delta", "running_avg", "threshold", "moved"}`` of the transition layer at the
+    last decision (empty before the first one; frozen once ``t`` reached ``max_local``).
 
     Example::
 
@@ -520,44 +571,17 @@ class Dynamic(Schedule):
         1
     """
 
-    def __init__(
-        self,
-        *,
-        alpha: float = DYNAMIC_DEFAULT_ALPHA,
-        shift: int | float = DYNAMIC_DEFAULT_SHIFT,
-        beta: float = DYNAMIC_DEFAULT_BETA,
-        warmup_epochs: int = DYNAMIC_DEFAULT_WARMUP_EPOCHS,
-        per_lr: bool = False,
-    ) -> None:
-        super().__init__()
-        self.alpha = _check_real("alpha", alpha, "(0, 1)", lambda v: 0.0 < v < 1.0)
-        if not isinstance(per_lr, bool):
-            raise ValueError(f"per_lr must be True or False, got {per_lr!r}")
-        self.per_lr = per_lr
-        if _is_int(shift):
-            _check_int("shift", shift, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
-            self.shift: int | float = int(shift)
-        else:
-            self.shift = _check_real(
-                "shift", shift, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
-                lambda v: 0.0 < v <= 1.0)
-        self.beta = _check_real("beta", beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
-        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
-        self.shift_layers: int | None = None
-        self.running_avg: dict[int, float] = {}
-        self.last_delta: dict[int, float] = {}
-        self._last: dict[str, float] = {}
-
-    def _resolve(self) -> None:
-        assert self.num_layers is not None
-        if isinstance(self.shift, int):
-            self.shift_layers = self.shift
-        else:
-            self.shift_layers = max(1, math.floor(self.shift * self.num_layers))
+    alpha: float = _option(DYNAMIC_DEFAULT_ALPHA, _real("(0, 1)", lambda v: 0.0 < v < 1.0))
+    shift: int | float = _option(DYNAMIC_DEFAULT_SHIFT, _LAYERS)
+    beta: float = _option(DYNAMIC_DEFAULT_BETA, _BETA)
+    warmup_epochs: int = _option(DYNAMIC_DEFAULT_WARMUP_EPOCHS, _int(0))
+    per_lr: bool = _option(False, _flag, optional=True)   # optional: states written before it existed lack it
+    running_avg: dict[int, float] = state_field(factory=dict)
+    last_delta: dict[int, float] = state_field(factory=dict)
+    last: dict[str, float] = state_field(factory=dict, stats=True)
 
     def propose(self, stats: EpochStats) -> int:
-        if not self.bound:
-            self.bind(stats.num_layers, stats.max_local)
+        self._bind_from(stats)
         t = int(stats.transition)
         # Validate everything before touching the history, so a bad call leaves no trace.
         norms: dict[int, float] = {}
@@ -565,10 +589,8 @@ class Dynamic(Schedule):
             if int(layer) < t:
                 continue  # LOCAL layers drop out of the history
             if not _is_real(delta) or not math.isfinite(delta) or delta < 0:
-                raise ValueError(
-                    f"update norm of layer {layer} at epoch {stats.epoch} must be a finite "
-                    f"float >= 0, got {delta!r}"
-                )
+                raise ValueError(f"update norm of layer {layer} at epoch {stats.epoch} must be a finite "
+                                 f"float >= 0, got {delta!r}")
             norms[int(layer)] = float(delta)
         if self.per_lr and norms:
             lr = stats.mean_lr
@@ -579,63 +601,25 @@ class Dynamic(Schedule):
             norms = {layer: delta / lr for layer, delta in norms.items()}
         decide = t < stats.max_local  # at max_local there is nothing left to move
         if decide and t not in norms:
-            raise ValueError(
-                f"Dynamic schedule needs the update norm of the transition layer {t} at epoch "
-                f"{stats.epoch}; stats.update_norms has layers {sorted(stats.update_norms)}"
-            )
+            raise ValueError(f"Dynamic schedule needs the update norm of the transition layer {t} at epoch "
+                             f"{stats.epoch}; stats.update_norms has layers {sorted(stats.update_norms)}")
         # Line 1 for every SGD layer first, so that a future transition layer has a history.
         for layer, delta in sorted(norms.items()):
             prev = self.running_avg.get(layer)
-            self.running_avg[layer] = (
-                delta if prev is None else self.beta * prev + (1.0 - self.beta) * delta
-            )
+            self.running_avg[layer] = delta if prev is None else self.beta * prev + (1.0 - self.beta) * delta
             self.last_delta[layer] = delta
         if not decide:
             return t
         delta, avg = self.last_delta[t], self.running_avg[t]
         threshold = self.alpha * avg
         move = stats.epoch > self.warmup_epochs and (delta < threshold or delta == 0.0)
-        self._last = {"delta": delta, "running_avg": avg, "threshold": threshold,
-                      "moved": float(move)}
-        assert self.shift_layers is not None
-        return t + self.shift_layers if move else t  # line 2 / line 4
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            alpha=self.alpha, shift=self.shift, beta=self.beta, per_lr=self.per_lr,
-            warmup_epochs=self.warmup_epochs, shift_layers=self.shift_layers,
-            # JSON object keys are strings; load_state_dict turns them back into ints.
-            running_avg={str(k): v for k, v in self.running_avg.items()},
-            last_delta={str(k): v for k, v in self.last_delta.items()},
-            last=dict(self._last),
-        )
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.alpha, self.shift, self.beta = state["alpha"], state["shift"], state["beta"]
-        self.per_lr = bool(state.get("per_lr", False))
-        self.warmup_epochs, self.shift_layers = state["warmup_epochs"], state["shift_layers"]
-        self.running_avg = {int(k): float(v) for k, v in state["running_avg"].items()}
-        self.last_delta = {int(k): float(v) for k, v in state["last_delta"].items()}
-        self._last = dict(state.get("last", {}))
-
-    def log_stats(self) -> dict[str, float]:
-        """``{"delta", "running_avg", "threshold", "moved"}`` of the transition layer at the
-        last decision (empty before the first one; frozen once ``t`` reached ``max_local``)."""
-        return dict(self._last)
-
-    def __repr__(self) -> str:
-        per_lr = ", per_lr=True" if self.per_lr else ""
-        return (f"Dynamic(alpha={self.alpha!r}, shift={self.shift!r}, beta={self.beta!r}, "
-                f"warmup_epochs={self.warmup_epochs!r}{per_lr})")
+        self.last = {"delta": delta, "running_avg": avg, "threshold": threshold, "moved": float(move)}
+        return self._step(t, move)  # line 2 / line 4
 
 
-# ---------------------------------------------------------------------------------------------
-# Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze)
-# ---------------------------------------------------------------------------------------------
-class _SignalSchedule(Schedule):
+# -- Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze) --------------
+@_schedule
+class _SignalSchedule(_Shifting):
     """Moves the boundary by ``shift`` when the transition layer's signal has settled on
     ``patience`` checks in a row; subclasses say what "settled" means (:meth:`_settled`).
 
@@ -644,34 +628,17 @@ class _SignalSchedule(Schedule):
     ``decide_every`` training steps (the model wrapper counts them with :meth:`due`).
     """
 
-    signal: str = ""
-
-    def __init__(self, *, shift: int | float, warmup_epochs: int, patience: int, decide_every: int | None) -> None:
-        super().__init__()
-        if _is_int(shift):
-            _check_int("shift", shift, 1, " (layers) or a float in (0, 1] (fraction of the layers)")
-            self.shift: int | float = int(shift)
-        else:
-            self.shift = _check_real(
-                "shift", shift, "(0, 1] (fraction of the layers) or an int >= 1 (layers)",
-                lambda v: 0.0 < v <= 1.0)
-        self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
-        self.patience = _check_int("patience", patience, 1, " (checks in a row)")
-        self.decide_every = None if decide_every is None else _check_int(
-            "decide_every", decide_every, 1, " (training steps between decisions) or None (at epoch ends)")
-        self.shift_layers: int | None = None
-        self.steps_since_decision = 0
-        self.layer: int | None = None     # the transition layer the history below belongs to
-        self.checks = 0                   # signal values seen for that layer
-        self.settled_checks = 0           # of them, how many in a row were settled
-        self._last: dict[str, float] = {}
-
-    def _resolve(self) -> None:
-        assert self.num_layers is not None
-        if isinstance(self.shift, int):
-            self.shift_layers = self.shift
-        else:
-            self.shift_layers = max(1, math.floor(self.shift * self.num_layers))
+    signal: ClassVar[str] = ""
+    shift: int | float = _option(SIGNAL_DEFAULT_SHIFT, _LAYERS)
+    warmup_epochs: int = _option(SIGNAL_DEFAULT_WARMUP_EPOCHS, _int(0))
+    patience: int = _option(PLASTICITY_DEFAULT_PATIENCE, _PATIENCE)
+    decide_every: int | None = _option(
+        None, _optional(_int(1, " (training steps between decisions) or None (at epoch ends)")))
+    steps_since_decision: int = state_field(0)
+    layer: int | None = state_field()     # the transition layer the history below belongs to
+    checks: int = state_field(0)          # signal values seen for that layer
+    settled_checks: int = state_field(0)  # of them, how many in a row were settled
+    last: dict[str, float] = state_field(factory=dict, stats=True)
 
     def due(self) -> bool:
         if self.decide_every is None:
@@ -683,8 +650,7 @@ class _SignalSchedule(Schedule):
         return True
 
     def propose(self, stats: EpochStats) -> int:
-        if not self.bound:
-            self.bind(stats.num_layers, stats.max_local)
+        self._bind_from(stats)
         t = int(stats.transition)
         if t >= stats.max_local:
             return t      # nothing left to move
@@ -693,7 +659,7 @@ class _SignalSchedule(Schedule):
             raise ValueError(f"signal {self.signal!r} of layer {t} at epoch {stats.epoch} must be a finite float "
                              f">= 0 or None, got {value!r}")
         if self.layer != t:
-            self.layer, self.checks, self.settled_checks, self._last = t, 0, 0, {}
+            self.layer, self.checks, self.settled_checks, self.last = t, 0, 0, {}
             self._restart()
         if value is None:
             return t
@@ -701,9 +667,8 @@ class _SignalSchedule(Schedule):
         settled = self._settled(float(value))
         self.settled_checks = self.settled_checks + 1 if settled else 0
         move = stats.epoch >= self.warmup_epochs and self.settled_checks >= self.patience
-        self._last.update(value=float(value), settled=float(settled), moved=float(move))
-        assert self.shift_layers is not None
-        return t + self.shift_layers if move else t
+        self.last.update(value=float(value), settled=float(settled), moved=float(move))
+        return self._step(t, move)
 
     def _restart(self) -> None:
         """Forget the signal history (a new transition layer)."""
@@ -711,50 +676,29 @@ class _SignalSchedule(Schedule):
     def _settled(self, value: float) -> bool:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(shift=self.shift, warmup_epochs=self.warmup_epochs, patience=self.patience,
-                     decide_every=self.decide_every, shift_layers=self.shift_layers,
-                     steps_since_decision=self.steps_since_decision, layer=self.layer, checks=self.checks,
-                     settled_checks=self.settled_checks, last=dict(self._last))
-        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.shift, self.warmup_epochs, self.patience = state["shift"], state["warmup_epochs"], state["patience"]
-        self.decide_every, self.shift_layers = state["decide_every"], state["shift_layers"]
-        self.steps_since_decision, self.layer = state["steps_since_decision"], state["layer"]
-        self.checks, self.settled_checks = state["checks"], state["settled_checks"]
-        self._last = dict(state.get("last", {}))
-
-    def log_stats(self) -> dict[str, float]:
-        return dict(self._last)
-
-
+@_schedule
 class Plasticity(_SignalSchedule):
     """Representation plasticity (Egeria, EuroSys'23): move when the transition layer's output has settled.
 
-    At each check the model wrapper runs an eval-mode forward of a fixed probe batch up to the
-    transition layer, standardises the layer's output per channel (what a following BatchNorm sees)
-    and reports its relative change since the previous check, ``c``. Then:
-
-    1. ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``);
-    2. the check is *settled* if ``c < threshold * W̄``, or ``c = 0``;
-    3. after ``patience`` settled checks in a row, and once ``warmup_epochs`` epochs are complete,
-       propose ``t + shift``; else ``t``.
-
-    Layers settle bottom-up (SVCCA), so a layer whose representation has stopped moving against its
-    own history is a safe one to make local.
+    At each check the model wrapper reports ``c``, the relative change since the previous check of the transition
+    layer's per-channel standardised output on a fixed probe batch (docs/DESIGN.md §4.3). Then
+    ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``); the check is *settled* if
+    ``c < threshold * W̄``, or ``c = 0``; after ``patience`` settled checks in a row, and once ``warmup_epochs``
+    epochs are complete, propose ``t + shift``; else ``t``.
 
     Args:
         threshold: ratio to the running average, in ``(0, 1)``.
         beta: decay of the running average per check, in ``[0, 1)``.
         shift: layers per move: an int ``>= 1``, or a float in ``(0, 1]`` (fraction of the layers).
-        warmup_epochs: no move before this many epochs are complete (checks are still recorded).
+        warmup_epochs: no move before this many epochs are complete (``stats.epoch >= warmup_epochs``;
+            checks are still recorded).
         patience: settled checks in a row needed to move, ``>= 1``.
         decide_every: check every this many training steps; ``None`` checks at epoch ends.
         probe_size: images in the probe batch (the first ones of the first training batch, or
             those given to ``LocalSGDModule.set_probe``).
+
+    :meth:`log_stats`: ``{"value" (c), "running_avg", "threshold", "settled", "moved"}`` of the last check.
 
     Example::
 
@@ -764,25 +708,12 @@ class Plasticity(_SignalSchedule):
         [0, 0, 0, 1]
     """
 
-    signal = "plasticity"
+    signal: ClassVar[str] = "plasticity"
     signals = (signal,)
-
-    def __init__(
-        self,
-        *,
-        threshold: float = PLASTICITY_DEFAULT_THRESHOLD,
-        beta: float = PLASTICITY_DEFAULT_BETA,
-        shift: int | float = SIGNAL_DEFAULT_SHIFT,
-        warmup_epochs: int = SIGNAL_DEFAULT_WARMUP_EPOCHS,
-        patience: int = PLASTICITY_DEFAULT_PATIENCE,
-        decide_every: int | None = None,
-        probe_size: int = PLASTICITY_DEFAULT_PROBE_SIZE,
-    ) -> None:
-        super().__init__(shift=shift, warmup_epochs=warmup_epochs, patience=patience, decide_every=decide_every)
-        self.threshold = _check_real("threshold", threshold, "(0, 1)", lambda v: 0.0 < v < 1.0)
-        self.beta = _check_real("beta", beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
-        self.probe_size = _check_int("probe_size", probe_size, 1, " (images)")
-        self.running_avg: float | None = None
+    threshold: float = _option(PLASTICITY_DEFAULT_THRESHOLD, _real("(0, 1)", lambda v: 0.0 < v < 1.0))
+    beta: float = _option(PLASTICITY_DEFAULT_BETA, _BETA)
+    probe_size: int = _option(PLASTICITY_DEFAULT_PROBE_SIZE, _int(1, " (images)"))
+    running_avg: float | None = state_field()
 
     def _restart(self) -> None:
         self.running_avg = None
@@ -790,46 +721,26 @@ class Plasticity(_SignalSchedule):
     def _settled(self, value: float) -> bool:
         prev = self.running_avg
         self.running_avg = value if prev is None else self.beta * prev + (1.0 - self.beta) * value
-        self._last.update(running_avg=self.running_avg, threshold=self.threshold * self.running_avg)
+        self.last.update(running_avg=self.running_avg, threshold=self.threshold * self.running_avg)
         # an output that did not change at all has settled (else W̄ = c = 0 would hold t for good)
         return value < self.threshold * self.running_avg or value == 0.0
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(threshold=self.threshold, beta=self.beta, probe_size=self.probe_size,
-                     running_avg=self.running_avg)
-        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.threshold, self.beta, self.probe_size = state["threshold"], state["beta"], state["probe_size"]
-        self.running_avg = state["running_avg"]
-
-    def log_stats(self) -> dict[str, float]:
-        """``{"value" (c), "running_avg", "threshold", "settled", "moved"}`` of the last check."""
-        return dict(self._last)
-
-    def __repr__(self) -> str:
-        return (f"Plasticity(threshold={self.threshold!r}, beta={self.beta!r}, shift={self.shift!r}, "
-                f"warmup_epochs={self.warmup_epochs!r}, patience={self.patience!r}, "
-                f"decide_every={self.decide_every!r}, probe_size={self.probe_size!r})")
-
-
+@_schedule
 class GradNorm(_SignalSchedule):
-    """Gradient-norm change rate (AutoFreeze): move when the transition layer's gradient norm has
-    stopped changing.
+    """Gradient-norm change rate (AutoFreeze): move when the transition layer's gradient norm stopped changing.
 
-    The model wrapper accumulates ``||dL/dW_t||`` on the device after every backward and reports its
-    mean over the steps since the previous check, ``G``. With ``G'`` the previous check's mean, the
-    check is *settled* if ``|G - G'| / G' < threshold``; after ``patience`` settled checks in a row,
-    and once ``warmup_epochs`` epochs are complete, propose ``t + shift``; else ``t``.
+    The model wrapper reports ``G``, the mean of ``||dL/dW_t||`` over the steps since the previous check. With
+    ``G'`` the previous check's mean, the check is *settled* if ``|G - G'| / G' < threshold``; after ``patience``
+    settled checks in a row, and once ``warmup_epochs`` epochs are complete, propose ``t + shift``; else ``t``.
 
     Args:
         threshold: largest relative change that counts as settled, ``> 0``.
         shift, warmup_epochs, patience, decide_every: as :class:`Plasticity`.
 
     With fp16 loss scaling the norms carry the loss scale, so a change of scale reads as a change
-    of the norm (it can only delay a move).
+    of the norm (it can only delay a move). :meth:`log_stats`: ``{"value" (G), "rate", "settled", "moved"}``
+    of the last check.
 
     Example::
 
@@ -839,21 +750,11 @@ class GradNorm(_SignalSchedule):
         [0, 0, 0, 1]
     """
 
-    signal = "grad_norm"
+    signal: ClassVar[str] = "grad_norm"
     signals = (signal,)
-
-    def __init__(
-        self,
-        *,
-        threshold: float = GRADNORM_DEFAULT_THRESHOLD,
-        shift: int | float = SIGNAL_DEFAULT_SHIFT,
-        warmup_epochs: int = SIGNAL_DEFAULT_WARMUP_EPOCHS,
-        patience: int = GRADNORM_DEFAULT_PATIENCE,
-        decide_every: int | None = None,
-    ) -> None:
-        super().__init__(shift=shift, warmup_epochs=warmup_epochs, patience=patience, decide_every=decide_every)
-        self.threshold = _check_real("threshold", threshold, "(0, inf)", lambda v: v > 0.0)
-        self.previous: float | None = None
+    patience: int = _option(GRADNORM_DEFAULT_PATIENCE, _PATIENCE)
+    threshold: float = _option(GRADNORM_DEFAULT_THRESHOLD, _real("(0, inf)", lambda v: v > 0.0))
+    previous: float | None = state_field()
 
     def _restart(self) -> None:
         self.previous = None
@@ -864,30 +765,18 @@ class GradNorm(_SignalSchedule):
             return False
         # a layer whose gradient was and stays zero has settled; one that wakes up from zero has not
         rate = abs(value - prev) / prev if prev > 0 else (0.0 if value == 0 else math.inf)
-        self._last.update(rate=rate)
+        self.last.update(rate=rate)
         return rate < self.threshold
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(threshold=self.threshold, previous=self.previous)
-        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.threshold, self.previous = state["threshold"], state["previous"]
-
-    def log_stats(self) -> dict[str, float]:
-        """``{"value" (G), "rate", "settled", "moved"}`` of the last check."""
-        return dict(self._last)
-
-    def __repr__(self) -> str:
-        return (f"GradNorm(threshold={self.threshold!r}, shift={self.shift!r}, warmup_epochs={self.warmup_epochs!r}, "
-                f"patience={self.patience!r}, decide_every={self.decide_every!r})")
+# -- Custom, baseline and manual --------------------------------------------------------------
+def _callable(name: str, v: Any) -> Any:
+    if not callable(v):
+        raise TypeError(f"{name} must be callable as {name}(epoch, stats), got {v!r}")
+    return v
 
 
-# ---------------------------------------------------------------------------------------------
-# Custom, baseline and manual
-# ---------------------------------------------------------------------------------------------
+@_schedule
 class PolicySchedule(Schedule):
     """Wraps a user policy ``policy(epoch: int, stats: EpochStats) -> int``.
 
@@ -904,20 +793,14 @@ class PolicySchedule(Schedule):
         2
     """
 
-    def __init__(self, policy: Callable[[int, EpochStats], int]) -> None:
-        super().__init__()
-        if not callable(policy):
-            raise TypeError(f"policy must be callable as policy(epoch, stats), got {policy!r}")
-        self.policy = policy
+    policy: Callable[[int, EpochStats], int] = field(kw_only=False, metadata={"check": _callable})
 
     def propose(self, stats: EpochStats) -> int:
         t = self.policy(stats.epoch, stats)
         if not _is_int(t):
             name = getattr(self.policy, "__qualname__", repr(self.policy))
-            raise TypeError(
-                f"schedule policy {name} must return an int transition layer, got {t!r} "
-                f"({type(t).__name__}) at epoch {stats.epoch}"
-            )
+            raise TypeError(f"schedule policy {name} must return an int transition layer, got {t!r} "
+                            f"({type(t).__name__}) at epoch {stats.epoch}")
         return int(t)
 
     def state_dict(self) -> dict[str, Any]:
@@ -925,9 +808,6 @@ class PolicySchedule(Schedule):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
-
-    def __repr__(self) -> str:
-        return f"PolicySchedule({self.policy!r})"
 
 
 class PlainSGD(Schedule):
@@ -954,23 +834,16 @@ class Manual(Schedule):
 
     def propose(self, stats: EpochStats) -> int:
         return int(stats.transition)
-
-
 def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
     """Build a schedule from a shorthand, a callable or an instance.
 
-    Shorthands (case-insensitive) and their defaults:
-
-    * ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)``
-      (``DYNAMIC_DEFAULT_*``).
-    * ``"plasticity"`` -> :class:`Plasticity`, ``"gradnorm"`` -> :class:`GradNorm`
-      (``PLASTICITY_DEFAULT_*``, ``GRADNORM_DEFAULT_*``, ``SIGNAL_DEFAULT_*``).
-    * ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"`` ->
-      ``Static(kind, c1=0.75, c2=0.25, k=4.0)`` (``STATIC_DEFAULT_*``): at most 75 % of the
-      layers (capped at ``max_local``) become local, starting after 25 % of the epochs.
-      They need ``total_epochs`` (here, or later through ``bind``).
-    * ``"sgd"`` / ``"none"`` (or ``None``) -> :class:`PlainSGD`, always 0.
-    * ``"manual"`` -> :class:`Manual`, keeps the current ``t``.
+    Shorthands (case-insensitive, :data:`SCHEDULE_NAMES`) and their defaults:
+    ``"dynamic"`` -> ``Dynamic(alpha=0.3, shift=0.1, beta=0.9, warmup_epochs=1)`` (``DYNAMIC_DEFAULT_*``);
+    ``"plasticity"`` -> :class:`Plasticity`, ``"gradnorm"`` -> :class:`GradNorm` (``PLASTICITY_DEFAULT_*``,
+    ``GRADNORM_DEFAULT_*``, ``SIGNAL_DEFAULT_*``); ``"static"`` / ``"quadratic"``, ``"linear"``, ``"exponential"``
+    -> ``Static(kind, c1=0.75, c2=0.25, k=4.0)`` (``STATIC_DEFAULT_*``: at most 75 % of the layers, capped at
+    ``max_local``, become local, starting after 25 % of the epochs; they need ``total_epochs``, here or later
+    through ``bind``); ``"sgd"`` / ``"none"`` (or ``None``) -> :class:`PlainSGD`; ``"manual"`` -> :class:`Manual`.
 
     Args:
         spec: a :class:`Schedule` instance (returned as is), a :class:`Schedule` subclass
@@ -993,39 +866,32 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
     """
     if isinstance(spec, Schedule):
         if kwargs:
-            raise ValueError(
-                f"schedule options {sorted(kwargs)} are only for a shorthand string; "
-                f"got a ready {type(spec).__name__} instance"
-            )
+            raise ValueError(f"schedule options {sorted(kwargs)} are only for a shorthand string; "
+                             f"got a ready {type(spec).__name__} instance")
         return spec
     if isinstance(spec, type) and issubclass(spec, Schedule):
         return spec(**kwargs)
-    if spec is None:
-        spec = "none"
-    if isinstance(spec, str):
-        name = spec.strip().lower()
-        if name not in SCHEDULE_NAMES:
-            raise ValueError(
-                f"unknown schedule {spec!r}; valid shorthands are {list(SCHEDULE_NAMES)}, "
-                f"or pass a Schedule instance or a callable policy(epoch, stats) -> int"
-            )
-        if name in ("sgd", "none", "manual") and kwargs:
+    if isinstance(spec, str) or spec is None:
+        name = "none" if spec is None else spec.strip().lower()
+        if name not in _SHORTHANDS:
+            raise ValueError(f"unknown schedule {spec!r}; valid shorthands are {list(SCHEDULE_NAMES)}, "
+                             f"or pass a Schedule instance or a callable policy(epoch, stats) -> int")
+        make = _SHORTHANDS[name]
+        if kwargs and make in (PlainSGD, Manual):
             raise ValueError(f"schedule {spec!r} takes no options, got {sorted(kwargs)}")
-        if name == "dynamic":
-            return Dynamic(**kwargs)
-        if name in _SIGNAL_SCHEDULES:
-            return _SIGNAL_SCHEDULES[name](**kwargs)
-        if name in _STATIC_KINDS or name == "static":
-            return Static("quadratic" if name == "static" else name, **kwargs)
-        return Manual() if name == "manual" else PlainSGD()
+        return make(**kwargs)
     if callable(spec):
         if kwargs:
             raise ValueError(f"schedule options {sorted(kwargs)} cannot be passed to a policy")
         return PolicySchedule(spec)
-    raise TypeError(
-        f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
-        f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})"
-    )
+    raise TypeError(f"schedule must be a Schedule, a callable policy(epoch, stats) -> int, or one of "
+                    f"{list(SCHEDULE_NAMES)}; got {spec!r} ({type(spec).__name__})")
 
 
-_SIGNAL_SCHEDULES: dict[str, type[_SignalSchedule]] = {"plasticity": Plasticity, "gradnorm": GradNorm}
+_SHORTHANDS: dict[str, Callable[..., Schedule]] = {
+    "dynamic": Dynamic, "plasticity": Plasticity, "gradnorm": GradNorm,
+    "static": functools.partial(Static, "quadratic"),
+    **{kind: functools.partial(Static, kind) for kind in ("quadratic", "linear", "exponential")},
+    "sgd": PlainSGD, "none": PlainSGD, "manual": Manual}
+#: The string shorthands accepted by :func:`make_schedule`.
+SCHEDULE_NAMES: tuple[str, ...] = tuple(_SHORTHANDS)

@@ -661,3 +661,144 @@ def test_make_schedule_signal_shorthands():
     assert {"plasticity", "gradnorm"} <= set(SCHEDULE_NAMES) and SCHEDULE_NAMES[0] == "dynamic"
     with pytest.raises(TypeError, match="alpha"):
         make_schedule("gradnorm", alpha=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts written by the release before the dataclass schedules (captured by running that code)
+# ---------------------------------------------------------------------------------------------
+OLD_STATES = {
+    # Dynamic() bound to 12 layers, after epochs 1..8 of scripted_norms: t = 4
+    "dynamic": {
+        "type": "Dynamic", "num_layers": 12, "max_local": 11, "total_epochs": 20, "alpha": 0.3, "shift": 0.1,
+        "beta": 0.9, "per_lr": False, "warmup_epochs": 1, "shift_layers": 1,
+        "running_avg": {"0": 0.43727269584056877, "1": 0.2754727693019153, "2": 0.41664437379967306,
+                        "3": 0.28389646654722106, "4": 0.4349820144348042, "5": 0.3393347987429153,
+                        "6": 0.23764505231337849, "7": 0.38090586234563173, "8": 0.28389646654722106,
+                        "9": 0.4349820144348042, "10": 0.3393347987429153, "11": 0.23764505231337849},
+        "last_delta": {"0": 0.06804138174397717, "1": 0.05399492471560388, "2": 0.044194173824159216,
+                       "3": 0.037037037037037035, "4": 0.07037037037037036, "5": 0.04814814814814815,
+                       "6": 0.08148148148148149, "7": 0.05925925925925926, "8": 0.037037037037037035,
+                       "9": 0.07037037037037036, "10": 0.04814814814814815, "11": 0.08148148148148149},
+        "last": {"delta": 0.037037037037037035, "running_avg": 0.28389646654722106,
+                 "threshold": 0.08516893996416632, "moved": 1.0}},
+    # Static("quadratic", total_epochs=20) after epochs 1..8: t = 0
+    "static": {"type": "Static", "num_layers": 12, "max_local": 11, "total_epochs": 20, "kind": "quadratic",
+               "c1": 0.75, "c2": 0.25, "k": 4.0, "c1_layers": 9, "c2_epochs": 5,
+               "last": {"u": 0.2, "f": 0.04000000000000001, "target": 0.0}},
+    # Plasticity(decide_every=4) after 25 checks of SIGNAL_VALUES: t = 3
+    "plasticity": {"type": "Plasticity", "num_layers": 12, "max_local": 11, "total_epochs": None, "shift": 0.1,
+                   "warmup_epochs": 1, "patience": 1, "decide_every": 4, "shift_layers": 1,
+                   "steps_since_decision": 1, "layer": 3, "checks": 2, "settled_checks": 0,
+                   "last": {"running_avg": 0.1, "threshold": 0.03, "value": 0.1, "settled": 0.0, "moved": 0.0},
+                   "threshold": 0.3, "beta": 0.9, "probe_size": 64, "running_avg": 0.1},
+    # GradNorm(shift=1, decide_every=3) after 25 checks: t = 5
+    "gradnorm": {"type": "GradNorm", "num_layers": 12, "max_local": 11, "total_epochs": None, "shift": 1,
+                 "warmup_epochs": 1, "patience": 2, "decide_every": 3, "shift_layers": 1, "steps_since_decision": 1,
+                 "layer": 4, "checks": 5, "settled_checks": 2,
+                 "last": {"value": 0.1, "settled": 1.0, "moved": 1.0, "rate": 0.0}, "threshold": 0.1,
+                 "previous": 0.1},
+}
+SIGNAL_VALUES = [1.0, 1.0, 0.1, 0.1, 0.1] * 12
+# the old release's decisions after loading: (t at the save, then t after each epoch 9..20 / check 25..59,
+# and for the signal schedules which calls of due() before each check were due)
+OLD_NEXT = {
+    "dynamic": (4, [5, 6, 7, 8, 9, 10, 11, 11, 11, 11, 11, 11], None),
+    "static": (0, [0, 1, 1, 1, 2, 3, 4, 4, 5, 6, 7, 9], None),
+    "plasticity": (3, [3] * 7 + [4] * 10 + [5] * 10 + [6] * 8, "00100010001000100010001000100010001"),
+    "gradnorm": (5, [5] * 4 + [6] * 5 + [7] * 5 + [8] * 5 + [9] * 5 + [10] * 5 + [11] * 6,
+                 "01001001001001001001001001001001001"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_STATES))
+def test_state_dict_of_the_previous_release_loads_and_decides_the_same(name):
+    cls = {"dynamic": Dynamic, "static": Static, "plasticity": Plasticity, "gradnorm": GradNorm}[name]
+    s = cls("linear", total_epochs=3) if cls is Static else cls(shift=7)     # other arguments: the state wins
+    s.load_state_dict(json.loads(json.dumps(OLD_STATES[name])))
+    assert s.state_dict() == OLD_STATES[name]              # the same keys and values are written back
+    t, expected, due = OLD_NEXT[name]
+    n, max_local, decisions, dues = 12, 11, [], []
+    if due is None:
+        norms = scripted_norms(n, 21)
+        for e in range(9, 21):
+            t = s.select(EpochStats(e, t, n, max_local, {j: v for j, v in norms[e].items() if j >= t}))
+            decisions.append(t)
+    else:
+        for k in range(25, 60):
+            dues.append("1" if s.due() else "0")
+            t = s.select(EpochStats(1 + k // 5, t, n, max_local, {}, signals={s.signal: SIGNAL_VALUES[k]}))
+            decisions.append(t)
+        assert "".join(dues) == due
+    assert decisions == expected
+
+
+def test_state_dict_of_an_older_release_without_per_lr_loads():
+    state = {k: v for k, v in OLD_STATES["dynamic"].items() if k not in ("per_lr", "last")}
+    s = Dynamic(per_lr=True)
+    s.load_state_dict(state)
+    assert not s.per_lr and s.log_stats() == {} and s.running_avg[3] == 0.28389646654722106
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"alpha": 1.5}, r"Dynamic state: alpha must be a float in \(0, 1\)"),
+    ({"shift_layers": "1"}, r"Dynamic state key 'shift_layers' must be int"),
+    ({"running_avg": {"x": 1.0}}, r"Dynamic state key 'running_avg' must map layer indices"),
+    ({"running_avg": {"0": "big"}}, r"Dynamic state key 'running_avg'\['0'\] must be float"),
+    ({"surprise": 1}, r"Dynamic state has unknown keys \['surprise'\]"),
+    ({"type": "Static"}, r"cannot load a 'Static' schedule state into a Dynamic"),
+])
+def test_load_state_dict_names_the_bad_key_and_leaves_the_schedule_unchanged(change, match):
+    s = Dynamic()
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=match):
+        s.load_state_dict({**OLD_STATES["dynamic"], **change})
+    with pytest.raises(ValueError, match="Dynamic state lacks key 'running_avg'"):
+        s.load_state_dict({k: v for k, v in OLD_STATES["dynamic"].items() if k != "running_avg"})
+    assert s.state_dict() == before
+
+
+def test_user_schedules_get_state_stats_and_repr_from_the_base():
+    from dataclasses import dataclass
+
+    from localsgd_fx.schedules import state_field
+
+    @dataclass(eq=False, repr=False, kw_only=True)
+    class EveryK(Schedule):             # the way docs/DESIGN.md §4.4 shows
+        k: int = 3
+        moves: int = state_field(0)
+        last: dict = state_field(factory=dict, stats=True)
+
+        def propose(self, stats):
+            move = stats.epoch % self.k == 0
+            self.moves += move
+            self.last = {"moved": float(move)}
+            return stats.transition + move
+
+    class OldStyle(Schedule):           # the way before dataclasses: extends state_dict / load_state_dict itself
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def propose(self, stats):
+            self.count += 1
+            return 0
+
+        def state_dict(self):
+            return {**super().state_dict(), "count": self.count}
+
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.count = state["count"]
+
+    s = EveryK(k=2)
+    assert run(s, 6, 5, range(1, 6)) == [0, 1, 1, 2, 2] and repr(s) == "EveryK(k=2)" and s.log_stats() == {"moved": 0.0}
+    b = EveryK()
+    b.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert (b.k, b.moves, b.log_stats()) == (2, 2, {"moved": 0.0}) and b.state_dict() == s.state_dict()
+    with pytest.raises(ValueError, match="EveryK state key 'moves' must be int"):
+        b.load_state_dict({**s.state_dict(), "moves": 1.5})
+    old = OldStyle()
+    run(old, 6, 5, range(1, 4))
+    again = OldStyle()
+    again.load_state_dict(json.loads(json.dumps(old.state_dict())))
+    assert again.count == 3 and again.num_layers == 6 and repr(again) == "OldStyle()"

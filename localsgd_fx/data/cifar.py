@@ -40,32 +40,15 @@ class _CifarSpec:
     std: tuple[float, ...]
 
 
+#: One row a dataset, in the order of _CifarSpec's fields.
 _CIFAR = {
-    "cifar10": _CifarSpec(
-        folder="cifar-10-batches-py",
-        archive="cifar-10-python.tar.gz",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        meta_file="batches.meta",
-        label_key="labels",
-        names_key="label_names",
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-    ),
-    "cifar100": _CifarSpec(
-        folder="cifar-100-python",
-        archive="cifar-100-python.tar.gz",
-        train_files=("train",),
-        test_files=("test",),
-        meta_file="meta",
-        label_key="fine_labels",
-        names_key="fine_label_names",
-        num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-    ),
+    "cifar10": _CifarSpec("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                          tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta", "labels",
+                          "label_names", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": _CifarSpec("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "meta", "fine_labels",
+                           "fine_label_names", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
 
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that only reconstructs numpy arrays/dtypes (what the CIFAR files contain)."""
