@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import LocalSGDError
 
-__all__ = ["Layer", "LayerOrder", "find_layers", "layer_kind", "propagate_shapes", "LAYER_TYPES"]
+__all__ = ["Layer", "LayerOrder", "find_layers", "layer_kind", "holds_hidden_layers", "propagate_shapes", "LAYER_TYPES"]
 
 LAYER_TYPES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Linear: "linear"}
 
@@ -40,6 +40,15 @@ def layer_kind(module: nn.Module) -> str | None:
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return kind
     return None
+
+
+def holds_hidden_layers(module: nn.Module) -> bool:
+    """Whether a called module is not a layer itself but holds conv/linear modules the graph cannot see.
+
+    An opaque submodule (a leaf module, or one :func:`~passes.trace.trace` kept opaque) or a
+    conv/linear subclass with its own ``forward``: its layers train by SGD at every transition.
+    """
+    return layer_kind(module) is None and any(isinstance(m, tuple(LAYER_TYPES)) for m in module.modules())
 
 
 @dataclass(frozen=True)
