@@ -109,13 +109,17 @@ def _site_flops(module: nn.Module, node: fx.Node, batch: int) -> int:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fill ``node.meta["tensor_meta"]`` by running ``gm`` once, in eval mode and without grad.
 
-    Eval mode keeps BatchNorm running statistics untouched; the training flags are restored.
+    Eval mode keeps BatchNorm running statistics untouched; the training flags are restored. Code traced
+    through in train mode (a fused BatchNorm + activation, drop path) is not switched by eval mode, so the
+    buffers and the RNG state are restored too: measuring shapes changes nothing.
     """
     modes = {m: m.training for m in gm.modules()}
+    buffers = [(b, b.clone()) for b in gm.buffers()]
+    cuda = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda})
     gm.eval()
     printed = io.StringIO()   # ShapeProp prints a traceback before raising; the error below replaces it
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(printed):
+        with torch.no_grad(), contextlib.redirect_stderr(printed), torch.random.fork_rng(cuda):
             ShapeProp(gm).propagate(*example_inputs)
         sys.stderr.write(printed.getvalue())   # warnings of a good run still reach the user
     except Exception as exc:  # noqa: BLE001 - ShapeProp wraps what the model raised
@@ -128,6 +132,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     finally:
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def find_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> LayerOrder:

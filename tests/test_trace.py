@@ -215,3 +215,19 @@ def test_functional_relu_module_behind_the_quirks_still_traces_in_both_modes():
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert_close(trace(model)(x), F.relu(model[1](model[0](x))))
+
+
+@pytest.mark.parametrize("name", ["bnact", "droppath", "all"])
+def test_measuring_shapes_changes_no_buffer_and_no_random_state(name):
+    # the graph runs once for FLOP counts; code traced through in train mode would move BN statistics
+    # (eval mode reaches only the leaves) and drop path would draw random numbers
+    model, x = build_quirk(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = trace(model)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    assert find_layers(gm, (x,)).layers[0].flops > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_close(dict(model.named_buffers()), buffers, rtol=0, atol=0)
+    assert model.training and gm.training
