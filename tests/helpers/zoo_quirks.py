@@ -1,7 +1,8 @@
 """Small modules with the quirks of real model libraries that trip symbolic tracing (issue 21).
 
-* :class:`BNAct` - BatchNorm fused with its activation, branching on ``self.training`` through
-  ``F.batch_norm(..., self.training, ...)``: FX traces *through* it and freezes the branch;
+* :class:`BNAct` (from :mod:`helpers.random_cnn`, whose random nets draw it too) - BatchNorm fused
+  with its activation, branching on ``self.training`` through ``F.batch_norm(..., self.training, ...)``:
+  FX traces *through* it and freezes the branch;
 * :class:`DropPath` - stochastic depth, ``if not self.training: return x``; ``drop_prob=1.0`` drops
   every sample in train mode, so both modes are deterministic and differ (a test can compare them);
 * :class:`PadSameConv` - "same" padding computed in Python from the input size (``max`` on a traced
@@ -19,19 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .random_cnn import randomize_batchnorm
+from .random_cnn import BNAct, randomize_batchnorm
 
 __all__ = ["BNAct", "DropPath", "PadSameConv", "Twice", "BNActNet", "DropPathNet", "PadSameNet", "TwiceNet",
            "AllQuirksNet", "QUIRKS", "MODE_BRANCHING", "UNTRACEABLE", "build_quirk"]
-
-
-class BNAct(nn.BatchNorm2d):
-    """BatchNorm + ReLU in one module, as model libraries ship it (not a leaf for FX: its own forward)."""
-
-    def forward(self, x):
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, self.momentum, self.eps)
-        return F.relu(x)
 
 
 class DropPath(nn.Module):
