@@ -219,8 +219,16 @@ def modes_changed(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     if recorded is None:
         raise LocalSGDError("this GraphModule was not made by passes.trace.trace, so its trace-time modes are "
                             "unknown; trace the model with trace(model) first")
-    modules = dict(model.named_modules(remove_duplicate=False))
-    return [name for name, mode in recorded.items() if name not in modules or modules[name].training != mode]
+    changed = []
+    for name, mode in recorded.items():   # get_submodule, not named_modules: this may run every training step
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            changed.append(name)
+            continue
+        if module.training != mode:
+            changed.append(name)
+    return changed
 
 
 def _resolve_string_annotations(graph: fx.Graph, model: nn.Module) -> None:

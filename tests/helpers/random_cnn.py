@@ -60,7 +60,8 @@ class NetSpec:
     in_channels: int
     size: tuple[int, ...]
     batch: int
-    ops: tuple            # ("conv", src, ConvSpec) | ("bn"|"bnact"|"relu"|"maxpool"|"avgpool", src) | ("add"|"cat", a, b)
+    # ("conv", src, ConvSpec) | ("bn"|"bnact"|"relu"|"maxpool"|"avgpool", src) | ("add"|"cat", a, b)
+    ops: tuple
     hidden: int           # 0: one Linear head; > 0: Linear -> ReLU -> Linear
     num_classes: int
     seed: int
