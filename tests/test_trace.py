@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -25,12 +26,12 @@ from passes.trace import LEAF_META, MODES_META, OPAQUE_META, modes_changed, retr
 pytestmark = pytest.mark.single_thread
 
 
-def _no_warnings():
-    """A context in which any warning is an error (a trace that should be silent)."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("error")
-    return ctx
+@contextlib.contextmanager
+def no_warnings():
+    """Any warning is an error inside (a trace that should be silent)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 class RootBranch(nn.Module):
@@ -101,11 +102,8 @@ def test_retrace_keeps_the_opaque_and_leaf_modules_without_warning_again():
     with pytest.warns(UserWarning):
         gm = trace(model, leaf_modules=(nn.ReLU,))
     model.eval()
-    ctx = _no_warnings()
-    try:
+    with no_warnings():
         again = retrace(gm, model)
-    finally:
-        ctx.__exit__(None, None, None)
     assert again.meta[OPAQUE_META] == gm.meta[OPAQUE_META]
     assert again.meta[LEAF_META] == (nn.ReLU,)
     assert_close(again(x), model(x))
@@ -158,20 +156,14 @@ def test_a_failure_in_the_root_forward_still_raises():
 
 def test_modules_the_caller_names_leaves_are_not_reported_and_do_not_warn():
     model, _ = build_quirk("padsame")
-    ctx = _no_warnings()
-    try:
+    with no_warnings():
         gm = trace(model, leaf_modules=(PadSameConv,))
-    finally:
-        ctx.__exit__(None, None, None)
     assert gm.meta[OPAQUE_META] == {} and gm.meta[LEAF_META] == (PadSameConv,)
 
 
 def test_warn_false_is_silent_but_still_records():
-    ctx = _no_warnings()
-    try:
+    with no_warnings():
         gm = trace(two_padsame(), warn=False)
-    finally:
-        ctx.__exit__(None, None, None)
     assert list(gm.meta[OPAQUE_META]) == ["1", "2"]
 
 
