@@ -8,7 +8,7 @@ from .inspection import LAYER_COLUMNS, layer_rows, to_dot
 from .layers import Layer, LayerOrder, find_layers
 from .partition import Partition, partition
 from .rewrite import LocalUpdateSpec, rewrite
-from .trace import trace
+from .trace import modes_changed, retrace, trace
 
 __all__ = ["LocalSGDError", "Layer", "LayerOrder", "find_layers", "Partition", "partition", "LocalUpdateSpec",
-           "rewrite", "trace", "LAYER_COLUMNS", "layer_rows", "to_dot"]
+           "rewrite", "trace", "retrace", "modes_changed", "LAYER_COLUMNS", "layer_rows", "to_dot"]

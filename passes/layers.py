@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import LocalSGDError
 
-__all__ = ["Layer", "LayerOrder", "find_layers", "layer_kind", "propagate_shapes", "LAYER_TYPES"]
+__all__ = ["Layer", "LayerOrder", "find_layers", "layer_kind", "holds_hidden_layers", "propagate_shapes", "LAYER_TYPES"]
 
 LAYER_TYPES: dict[type, str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Linear: "linear"}
 
@@ -40,6 +40,15 @@ def layer_kind(module: nn.Module) -> str | None:
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return kind
     return None
+
+
+def holds_hidden_layers(module: nn.Module) -> bool:
+    """Whether a called module is not a layer itself but holds conv/linear modules the graph cannot see.
+
+    An opaque submodule (a leaf module, or one :func:`~passes.trace.trace` kept opaque) or a
+    conv/linear subclass with its own ``forward``: its layers train by SGD at every transition.
+    """
+    return layer_kind(module) is None and any(isinstance(m, tuple(LAYER_TYPES)) for m in module.modules())
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,17 @@ def _site_flops(module: nn.Module, node: fx.Node, batch: int) -> int:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Fill ``node.meta["tensor_meta"]`` by running ``gm`` once, in eval mode and without grad.
 
-    Eval mode keeps BatchNorm running statistics untouched; the training flags are restored.
+    Eval mode keeps BatchNorm running statistics untouched; the training flags are restored. Code traced
+    through in train mode (a fused BatchNorm + activation, drop path) is not switched by eval mode, so the
+    buffers and the RNG state are restored too: measuring shapes changes nothing.
     """
     modes = {m: m.training for m in gm.modules()}
+    buffers = [(b, b.clone()) for b in gm.buffers()]
+    cuda = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda})
     gm.eval()
     printed = io.StringIO()   # ShapeProp prints a traceback before raising; the error below replaces it
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(printed):
+        with torch.no_grad(), contextlib.redirect_stderr(printed), torch.random.fork_rng(cuda):
             ShapeProp(gm).propagate(*example_inputs)
         sys.stderr.write(printed.getvalue())   # warnings of a good run still reach the user
     except Exception as exc:  # noqa: BLE001 - ShapeProp wraps what the model raised
@@ -119,6 +132,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     finally:
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def find_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> LayerOrder:

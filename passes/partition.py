@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .errors import LocalSGDError
-from .layers import LayerOrder
+from .layers import LayerOrder, holds_hidden_layers
 
 __all__ = ["Partition", "partition", "check_transition", "cut_after", "trained_parameters", "SOURCE_OPS"]
 
@@ -58,12 +58,14 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
     check_transition(order, transition)
     local = {layer.name for layer in order.layers[:transition]}
     layer_of_site = order.site_to_layer()
+    opaque_sgd = {node for node in gm.graph.nodes if node.op == "call_module" and node.name not in layer_of_site
+                  and holds_hidden_layers(gm.get_submodule(node.target))}
     # nodes that feed a local layer call without passing an SGD layer (an input Flatten/BatchNorm/pool)
     feeds_local: set[fx.Node] = set()
     for node in reversed(gm.graph.nodes):
         layer = layer_of_site.get(node.name)
         if (layer is not None and layer.name in local) or (
-                layer is None and any(u in feeds_local for u in node.users)):
+                layer is None and node not in opaque_sgd and any(u in feeds_local for u in node.users)):
             feeds_local.add(node)
     prefix: set[fx.Node] = set()
     outside_local: list[str] = []
@@ -72,8 +74,8 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
             continue
         layer = layer_of_site.get(node.name)
         inputs_ok = all(i in prefix or i.op in SOURCE_OPS for i in node.all_input_nodes)
-        if layer is not None and layer.name not in local:
-            continue                                   # an SGD layer
+        if (layer is not None and layer.name not in local) or node in opaque_sgd:
+            continue                                   # an SGD layer, or one hidden in an opaque call
         if inputs_ok and (layer is not None or node in feeds_local or any(i in prefix for i in node.all_input_nodes)):
             prefix.add(node)
         elif layer is not None:

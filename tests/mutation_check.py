@@ -92,6 +92,14 @@ MUTANTS = [
     Mutant("bench-bound", "bench step: the bound reported as a speedup, not a time ratio", "localsgd_fx/bench.py",
            "bound = 1.0 / speed_bound(p, gemms, sample_fraction)", "bound = speed_bound(p, gemms, sample_fraction)",
            ("tests/test_cli.py::test_bench_step_rows_follow_the_bound",)),
+    # issue 21: opaque submodules and trace-time modes
+    Mutant("opaque-in-prefix", "a call of an opaque submodule holding layers may join the prefix (frozen)",
+           "passes/partition.py", "and holds_hidden_layers(gm.get_submodule(node.target))}", "and False}",
+           ("tests/test_trace.py", "tests/test_any_model.py")),
+    Mutant("mode-not-recorded", "traced-through modes are not recorded (a changed mode goes unnoticed)",
+           "passes/trace.py", "            self.modes[path] = m.training", "            pass", ("tests/test_trace.py",)),
+    Mutant("shapes-move-stats", "measuring shapes leaves BatchNorm statistics moved", "passes/layers.py",
+           "                b.copy_(saved)\n", "                pass\n", ("tests/test_trace.py",)),
 ]
 
 

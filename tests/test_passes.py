@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.testing import assert_close
@@ -54,12 +54,13 @@ def fused_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "hebbian", lr: float = 0.05,
-                     check_updates: bool = True, grad_tol: dict | None = None) -> dict:
+                     check_updates: bool = True, grad_tol: dict | None = None, check_eval: bool = True) -> dict:
     """Compile ``model``, run one train step at transition ``t`` and check it against a deep copy.
 
     Checks: forward output, SGD gradients, ``grad is None`` in the prefix, buffers, the partition
     against the oracle, the rule update of every local layer, unchanged biases and SGD weights,
-    ``graph.lint()``. Returns some facts for further checks.
+    ``graph.lint()``; then (``check_eval``) that eval mode gives the original module's output with the
+    updated weights. Returns some facts for further checks.
     """
     ref = copy.deepcopy(model)
     lm = compile_localsgd(model, rule=rule, schedule="manual", local_lr=lr, weak_supervision="off", sample_fraction=1.0)
@@ -122,7 +123,18 @@ def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "heb
             new = after[f"{name}.weight"].detach()
             assert_close(new - before[f"{name}.weight"], expected - before[f"{name}.weight"],
                          rtol=1e-6, atol=1e-10 if new.dtype == torch.float64 else 1e-6, msg=f"update of {name}")
+    if check_eval:
+        check_eval_equals_original(lm, model, x)
     return {"lm": lm, "t": t, "n_layers": n_layers, "local": local}
+
+
+def check_eval_equals_original(lm, model: nn.Module, x: torch.Tensor) -> None:
+    """In eval mode the compiled module gives what the original module gives (train mode restored after)."""
+    lm.eval()
+    assert not model.training
+    with torch.no_grad():
+        assert_close(lm(x), model(x), msg=lambda m: f"eval output at t={lm.transition}: {m}")
+    lm.train()
 
 
 def check_saved(model: nn.Module, x: torch.Tensor, t: int) -> None:
@@ -156,6 +168,29 @@ def test_random_cnn_any_t_matches_reference(spec, data):
     t = data.draw(transitions(n_layers), label="t")
     rule = data.draw(st.sampled_from(RULES), label="rule")
     check_local_step(model, x, t, rule=rule)
+
+
+@examples(40)
+@given(spec=cnn_specs(dims=2, fused_bn=True), data=st.data())
+def test_random_cnn_with_fused_bn_matches_reference_in_train_mode(spec, data):
+    """Nets with a fused BatchNorm + ReLU (traced through, in train mode): right in train mode."""
+    model, x = build(spec)
+    n_layers = len(find_layers(trace(model)))
+    t = data.draw(transitions(n_layers), label="t")
+    check_local_step(model, x, t, rule=data.draw(st.sampled_from(RULES), label="rule"), check_eval=False)
+
+
+# no shrinking: this fails on every draw until api.py runs eval mode right, and shrinking a failure is slow
+@pytest.mark.xfail(strict=True, reason="needs api.py eval/mode fix")
+@settings(examples(15), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(spec=cnn_specs(dims=2, fused_bn=True), data=st.data())
+def test_random_cnn_with_fused_bn_eval_equals_original(spec, data):
+    """The eval half of the test above: eval mode after a train step gives the original module's output."""
+    model, x = build(spec)
+    n_layers = len(find_layers(trace(model)))
+    t = data.draw(transitions(n_layers), label="t")
+    facts = check_local_step(model, x, t, check_eval=False)
+    check_eval_equals_original(facts["lm"], model, x)
 
 
 @examples(30)

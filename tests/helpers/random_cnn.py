@@ -3,6 +3,8 @@
 The strategy is weighted toward what is hard for the passes: residual blocks (a two-conv branch
 added back onto its input) and concat blocks make branching DAGs the common case, and
 :func:`transitions` draws ``t > 0`` nine times in ten. :func:`draw_statistics` measures both.
+``cnn_specs(fused_bn=True)`` also draws :class:`BNAct` (BatchNorm fused with ReLU, branching on
+``self.training``: FX traces through it and freezes the mode), at least one per net.
 """
 from __future__ import annotations
 
@@ -24,6 +26,18 @@ MAX_CHANNELS = 8
 #: what one step of :func:`cnn_specs` adds; the blocks are listed twice to make branching common
 STEP_KINDS = ("conv", "conv", "bn", "relu", "pool", "add", "cat",
               "residual", "residual", "concat", "concat")
+#: with ``fused_bn=True``: the fused BatchNorm + ReLU too
+FUSED_STEP_KINDS = (*STEP_KINDS, "bnact", "bnact")
+
+
+class BNAct(nn.BatchNorm2d):
+    """BatchNorm + ReLU in one module, as model libraries ship it: its own forward, so FX traces through
+    it and evaluates ``self.training`` once. Any number of spatial dims (it skips the 2-d input check)."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return F.relu(x)
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,8 @@ class NetSpec:
     in_channels: int
     size: tuple[int, ...]
     batch: int
-    ops: tuple            # ("conv", src, ConvSpec) | ("bn"|"relu"|"maxpool"|"avgpool", src) | ("add"|"cat", a, b)
+    # ("conv", src, ConvSpec) | ("bn"|"bnact"|"relu"|"maxpool"|"avgpool", src) | ("add"|"cat", a, b)
+    ops: tuple
     hidden: int           # 0: one Linear head; > 0: Linear -> ReLU -> Linear
     num_classes: int
     seed: int
@@ -119,12 +134,13 @@ def _spatial_after(spec: ConvSpec, size: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @st.composite
-def cnn_specs(draw, dims: int = 2, max_ops: int = 7, min_ops: int = 1) -> NetSpec:
+def cnn_specs(draw, dims: int = 2, max_ops: int = 7, min_ops: int = 1, fused_bn: bool = False) -> NetSpec:
     """A random CNN DAG: convs (kernel/stride/padding/dilation/groups incl. depthwise, padding modes),
     BatchNorm, ReLU, max/avg pooling, residual adds (1x1 projections when shapes differ), channel
     concats, residual blocks (conv [-> BN] [-> ReLU] -> conv, added back onto the block's input) and
     concat blocks (a conv branch concatenated with its input), then global average pooling of every
-    unused value and a Linear head. ``min_ops``/``max_ops`` count steps; a block is one step."""
+    unused value and a Linear head. ``min_ops``/``max_ops`` count steps; a block is one step.
+    ``fused_bn``: also draw :class:`BNAct` steps, and add one on the last value if none was drawn."""
     c0 = draw(st.integers(1, 3))
     size = tuple(draw(st.integers(*SIZES[dims])) for _ in range(dims))
     shapes: list[tuple[int, tuple[int, ...]]] = [(c0, size)]
@@ -141,7 +157,7 @@ def cnn_specs(draw, dims: int = 2, max_ops: int = 7, min_ops: int = 1) -> NetSpe
         return len(shapes) - 1
 
     for _ in range(draw(st.sampled_from(range(min_ops, max_ops + 1)))):
-        kind = draw(st.sampled_from(STEP_KINDS))
+        kind = draw(st.sampled_from(FUSED_STEP_KINDS if fused_bn else STEP_KINDS))
         src = draw(st.integers(0, len(shapes) - 1))
         c, size_src = shapes[src]
         if kind == "residual":
@@ -195,11 +211,13 @@ def cnn_specs(draw, dims: int = 2, max_ops: int = 7, min_ops: int = 1) -> NetSpe
                     continue
         if kind == "conv":
             add_conv(src, draw(_conv_spec(c, size_src)))
-        elif kind in ("bn", "relu"):
+        elif kind in ("bn", "bnact", "relu"):
             add_op((kind, src), (c, size_src))
     if not any(op[0] == "conv" for op in ops):
         last = len(shapes) - 1
         add_conv(last, draw(_conv_spec(shapes[last][0], shapes[last][1])))
+    if fused_bn and not any(op[0] == "bnact" for op in ops):
+        add_op(("bnact", len(shapes) - 1), shapes[-1])
     return NetSpec(dims=dims, in_channels=c0, size=size, batch=draw(st.integers(2, 3)), ops=tuple(ops),
                    hidden=draw(st.sampled_from([0, 0, 4])), num_classes=3, seed=draw(st.integers(0, 2**16)))
 
@@ -231,9 +249,10 @@ class RandomNet(nn.Module):
                                     dilation=cs.dilation, groups=cs.groups, bias=cs.bias, padding_mode=cs.padding_mode))
                 plan.append(("mod", len(mods) - 1, (src,)))
                 channels.append(cs.out_channels)
-            elif kind in ("bn", "relu", "maxpool", "avgpool"):
+            elif kind in ("bn", "bnact", "relu", "maxpool", "avgpool"):
                 src = op[1]
-                mods.append({"bn": lambda: BATCHNORM[d](channels[src]), "relu": nn.ReLU,
+                mods.append({"bn": lambda: BATCHNORM[d](channels[src]), "bnact": lambda: BNAct(channels[src]),
+                             "relu": nn.ReLU,
                              "maxpool": lambda: MAXPOOL[d](2), "avgpool": lambda: AVGPOOL[d](2)}[kind]())
                 plan.append(("mod", len(mods) - 1, (src,)))
                 channels.append(channels[src])
