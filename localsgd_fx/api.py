@@ -19,7 +19,7 @@ from passes.errors import LocalSGDError
 from passes.inspection import LAYER_COLUMNS, layer_rows
 from passes.layers import LayerOrder, find_layers
 from passes.rewrite import LocalUpdateSpec
-from passes.trace import trace
+from passes.trace import mode_watch, modes_changed, retrace, trace
 
 from .cost import speed_bound
 from .metrics import format_table
@@ -82,6 +82,8 @@ class LocalSGDModule(nn.Module):
                              persistent=False)
         supervision.to(device)
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
+        # submodules whose traced code branched on their mode: a step checks their flags (a zoo ResNet has none)
+        self.__dict__["_mode_watch"] = mode_watch(traced, model)
         # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
         probe_size = getattr(schedule, "probe_size", PLASTICITY_DEFAULT_PROBE_SIZE)
         self.signals = SignalMeter(self, traced, order, schedule.signals, probe_size) if schedule.signals else None
@@ -104,12 +106,36 @@ class LocalSGDModule(nn.Module):
         # the model's own flag too: with inplace=True users call model.eval(), which never reaches this wrapper
         if not (self.training and self.model.training):
             return self._user_forward(*args, **kwargs)
+        self.follow_modes(args)
         driver = self.driver
         driver.step()
         runner = self.graphs.runner(driver.transition, epoch=driver.epoch, expected_steps=driver.expected_steps())
         # the rewritten graph switches grad mode off for the prefix; restore it even if an update raises
         with torch.set_grad_enabled(torch.is_grad_enabled()):
             return runner(*args, **kwargs)
+
+    def follow_modes(self, example_args: tuple = ()) -> bool:
+        """Trace the model again if a submodule whose code branches on its mode has another mode than when it
+        was traced (a fused BatchNorm set to ``eval()`` for fine-tuning, say); True if it did. The graphs of
+        every ``t`` are emitted anew. ``example_args`` (a batch) count the FLOPs of the new graph."""
+        if not any(m.training is not mode for m, mode in self._mode_watch):
+            return False
+        old = self.graphs.traced
+        new = retrace(old, self.model)
+        order = find_layers(new, example_args or None)
+        if order.names != self.graphs.order.names:
+            changed = ", ".join(modes_changed(old, self.model))
+            raise LocalSGDError(f"the mode change of {changed} changes which layers the model calls "
+                                f"({len(self.graphs.order)} layers before, {len(order)} now): LoCal+SGD cannot follow "
+                                "it mid-run; set the modes before compile_localsgd")
+        if order.layers[0].flops is None:      # keep the counts of the first trace
+            order = self.graphs.order
+        self.graphs.retarget(new)
+        self.graphs.order = self.driver.order = order
+        if self.signals is not None:
+            self.signals.retarget(new, order)
+        self.__dict__["_mode_watch"] = mode_watch(new, self.model)
+        return True
 
     def _user_forward(self, *args, **kwargs):
         """Evaluation runs the user's own model, so it gives exactly the model's outputs whatever its code does
@@ -370,7 +396,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
                      local_lr: float = DEFAULT_LOCAL_LR, weak_supervision: str = "sign",
                      example_inputs: tuple | None = None, compile: bool | str = "auto", max_local: int | None = None,
                      leaf_modules: Iterable[str | type] = (), inplace: bool = False, total_epochs: int | None = None,
-                     sample_fraction: float = DEFAULT_SAMPLE_FRACTION, check_finite: bool = True) -> LocalSGDModule:
+                     sample_fraction: float = DEFAULT_SAMPLE_FRACTION, check_finite: bool = True,
+                     strict: bool = False) -> LocalSGDModule:
     """Turn ``model`` into a LoCal+SGD module.
 
     Args:
@@ -392,6 +419,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
             one replay for the forward, local updates included, and one for the backward) or ``"off"``/``False``.
         max_local: the most layers ever local (default: all but the last, the classifier).
         leaf_modules: submodule names or classes to keep opaque (untraceable parts; their layers stay SGD).
+            A submodule that fails to trace is kept opaque anyway, with one warning naming it.
+        strict: raise :class:`LocalSGDError` instead when a submodule fails to trace.
         inplace: also make ``model(...)`` itself run the LoCal+SGD forward.
         total_epochs: the run length, needed by static schedules.
         sample_fraction: compute each local update from this fraction of the batch (a random
@@ -418,7 +447,7 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     local_rule = make_rule(rule)
     sched = make_schedule(schedule)
     supervision = WeakSupervision(weak_supervision, base_lr=local_lr)
-    traced = trace(model, leaf_modules=leaf_modules)
+    traced = trace(model, leaf_modules=leaf_modules, strict=strict)
     order = find_layers(traced, example_inputs)
     n = len(order)
     max_local = n - 1 if max_local is None else max_local

@@ -112,6 +112,9 @@ class TrainStep:
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if not self.capture:
             return self.eager(x, y)
+        if self.model.follow_modes((x,)):    # traced again: every recording holds the old graph
+            self._graphs.clear()
+            self._warm.clear()
         t = self.model.transition
         recorded = self._graphs.get(t)
         if recorded is not None and recorded.fits(x, y):

@@ -179,6 +179,11 @@ class SignalMeter(nn.Module):
             gm = self._prefixes[t] = cut_after(self._traced, self._order.layers[t].call_sites[0])
         return gm
 
+    def retarget(self, traced: fx.GraphModule, order: LayerOrder) -> None:
+        """The model was traced again: cut probes from the new graph."""
+        self.__dict__["_traced"], self.__dict__["_order"] = traced, order
+        self._prefixes.clear()
+
     def _weight(self, t: int) -> Tensor:
         return self._traced.get_submodule(self._order.layers[t].name).weight
 

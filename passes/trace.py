@@ -24,6 +24,7 @@ Python-level branches on ``self.training`` into the graph. This pass handles bot
 """
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 import typing
@@ -35,7 +36,7 @@ from torch import nn
 
 from .errors import LocalSGDError
 
-__all__ = ["trace", "retrace", "modes_changed", "LeafSpec", "OPAQUE_META", "MODES_META", "LEAF_META"]
+__all__ = ["trace", "retrace", "modes_changed", "mode_watch", "LeafSpec", "OPAQUE_META", "MODES_META", "LEAF_META"]
 
 LeafSpec = str | type
 
@@ -229,6 +230,38 @@ def modes_changed(gm: fx.GraphModule, model: nn.Module) -> list[str]:
         if module.training != mode:
             changed.append(name)
     return changed
+
+
+def mode_watch(gm: fx.GraphModule, model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """``(module, training flag at trace time)`` of the traced-through modules whose code can branch on their
+    mode: those whose class (or a base class outside torch.nn) mentions ``training`` in its source, and those
+    whose source cannot be read. Comparing these flags is all a training step needs to do to notice that
+    ``gm`` no longer matches the modes (a zoo ResNet has none to watch, so the check costs nothing)."""
+    recorded = gm.meta.get(MODES_META, {})
+    return [(model.get_submodule(name), mode) for name, mode in recorded.items()
+            if _reads_mode(type(model.get_submodule(name)))]
+
+
+_READS_MODE: dict[type, bool] = {}
+
+
+def _reads_mode(cls: type) -> bool:
+    """Whether ``cls``'s own code (its classes up to torch's) may read ``self.training``."""
+    if cls not in _READS_MODE:
+        reads = False
+        for base in cls.__mro__:
+            if base.__module__.startswith("torch.") or base is object:
+                continue
+            try:
+                source = inspect.getsource(base)
+            except (OSError, TypeError):
+                reads = True        # cannot tell: watch it
+                break
+            if "training" in source:
+                reads = True
+                break
+        _READS_MODE[cls] = reads
+    return _READS_MODE[cls]
 
 
 def _resolve_string_annotations(graph: fx.Graph, model: nn.Module) -> None:

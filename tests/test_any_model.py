@@ -28,13 +28,11 @@ from torch.testing import assert_close
 import models_zoo
 from helpers.random_cnn import randomize_batchnorm
 from helpers.state import grads
-from helpers.zoo_quirks import MODE_BRANCHING, QUIRKS, UNTRACEABLE, BNAct, build_quirk
+from helpers.zoo_quirks import QUIRKS, UNTRACEABLE, BNAct, build_quirk
 from localsgd_fx import compile_localsgd
 
 pytestmark = pytest.mark.single_thread
 
-NEEDS_API = "needs api.py eval/mode fix"
-needs_api = pytest.mark.xfail(strict=True, reason=NEEDS_API)
 #: zoo models whose steps take more than a second or two here (still run)
 ZOO_SLOW = {"resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "densenet_bc", "mobilenetv2", "resnet56",
             "wrn16_4"}
@@ -77,13 +75,9 @@ def check_eval_after_training(model: nn.Module, x: torch.Tensor, x_eval: torch.T
     lm.train()
 
 
-def _quirk_param(name: str):
-    return pytest.param(name, marks=needs_api) if name in MODE_BRANCHING else name
-
-
 # ------------------------------------------------------------------------------------------ eval mode
 @pytest.mark.filterwarnings("ignore:kept .* opaque")
-@pytest.mark.parametrize("name", [_quirk_param(n) for n in QUIRKS])
+@pytest.mark.parametrize("name", list(QUIRKS))
 def test_quirk_model_eval_equals_original_after_training_at_several_t(name):
     model, x = build_quirk(name, batch=8)
     check_eval_after_training(model, x, torch.randn(3, 3, 8, 8))
@@ -105,7 +99,6 @@ def test_zoo_model_eval_equals_original_after_training_at_several_t(name):
     check_eval_after_training(model, x, x_eval, steps=1)
 
 
-@needs_api
 def test_issue_reproducer_prints_zero():
     torch.manual_seed(0)
 
@@ -127,7 +120,7 @@ def test_issue_reproducer_prints_zero():
 
 
 # ------------------------------------------------------------------------- train mode, mode changed
-@pytest.mark.parametrize("submodule", ["bn3", pytest.param("act1", marks=needs_api)])
+@pytest.mark.parametrize("submodule", ["bn3", "act1"])
 def test_train_mode_after_a_submodule_eval_equals_original_at_t0(submodule):
     """``bn3`` is a plain BatchNorm (a leaf: follows its mode at run time); ``act1`` a fused BN+act."""
     model, x = build_quirk("bnact")
@@ -147,7 +140,6 @@ def test_train_mode_after_a_submodule_eval_equals_original_at_t0(submodule):
     assert_close(dict(model.named_buffers()), dict(ref.named_buffers()))
 
 
-@needs_api
 def test_train_mode_follows_a_fused_bn_set_back_to_train():
     model, x = build_quirk("bnact")
     model.act2.eval()                             # frozen before compiling, unfrozen later
@@ -216,3 +208,16 @@ def test_fused_bn_act_model_trains_like_the_original_in_train_mode():
     lm = _compile(model)
     assert_close(lm(x), ref(x))
     assert_close(dict(model.named_buffers()), dict(ref.named_buffers()))
+
+
+def test_only_modules_whose_code_reads_their_mode_are_watched_each_step():
+    """A step checks the flags of the traced-through modules whose code can branch on their mode, and only
+    those: a zoo ResNet's step checks none."""
+    from passes.trace import mode_watch
+
+    resnet = compile_localsgd(models_zoo.get_model("resnet20", 10, 1))
+    assert resnet._mode_watch == []
+    model, _ = build_quirk("bnact")
+    lm = compile_localsgd(model)
+    watched = {type(m).__name__ for m, _ in lm._mode_watch}
+    assert "BNAct" in watched and watched == {type(m).__name__ for m, _ in mode_watch(lm.graph_for(0), model)}

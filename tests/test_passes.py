@@ -180,8 +180,6 @@ def test_random_cnn_with_fused_bn_matches_reference_in_train_mode(spec, data):
     check_local_step(model, x, t, rule=data.draw(st.sampled_from(RULES), label="rule"), check_eval=False)
 
 
-# no shrinking: this fails on every draw until api.py runs eval mode right, and shrinking a failure is slow
-@pytest.mark.xfail(strict=True, reason="needs api.py eval/mode fix")
 @settings(examples(15), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(spec=cnn_specs(dims=2, fused_bn=True), data=st.data())
 def test_random_cnn_with_fused_bn_eval_equals_original(spec, data):
