@@ -19,7 +19,7 @@ from passes.errors import LocalSGDError
 from passes.inspection import LAYER_COLUMNS, layer_rows
 from passes.layers import LayerOrder, find_layers
 from passes.rewrite import LocalUpdateSpec
-from passes.trace import mode_watch, modes_changed, retrace, trace
+from passes.trace import OPAQUE_META, mode_watch, modes_changed, retrace, trace
 
 from .cost import speed_bound
 from .metrics import format_table
@@ -306,6 +306,8 @@ class LocalSGDModule(nn.Module):
             f"{type(self.model).__name__}: {len(order)} layers, transition t={self.transition}, "
             f"rule={self.rule.key}, schedule={type(self.schedule).__name__}, epoch {self.epoch}",
             format_table(layer_rows(order, self.transition), LAYER_COLUMNS),
+            *(f"kept opaque (its layers stay on SGD): {name!r}: {reason}"
+              for name, reason in self.graphs.traced.meta.get(OPAQUE_META, {}).items()),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
@@ -414,9 +416,11 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
         example_inputs: a tuple of inputs used once for FLOP counts; without it they are taken
             from the first call.
         compile: ``"auto"`` (default: eager, and ``torch.compile`` with CUDA graphs for a transition only when
-            the measured saving pays for the compile; never on a CPU unless it measures a win),
+            the measured saving pays for the compile; a CPU expects no saving, so it stays eager),
             ``"on"``/``True`` (``torch.compile``), ``"reduce-overhead"`` (``torch.compile`` with CUDA graphs:
-            one replay for the forward, local updates included, and one for the backward) or ``"off"``/``False``.
+            one replay for the forward, local updates included, and one for the backward), ``"capture"``
+            (eager forward; :meth:`~LocalSGDModule.capture_step` records whole steps as CUDA graphs) or
+            ``"off"``/``False``.
         max_local: the most layers ever local (default: all but the last, the classifier).
         leaf_modules: submodule names or classes to keep opaque (untraceable parts; their layers stay SGD).
             A submodule that fails to trace is kept opaque anyway, with one warning naming it.

@@ -117,8 +117,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d["seed"], help="(default %(default)s)")
     g.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"], help="(default %(default)s)")
     g.add_argument("--compile", default=d["compile"], choices=COMPILE_MODES,
-                   help="torch.compile each transition's graph: on; reduce-overhead = with CUDA graphs; auto = only where "
-                        "the measured saving pays for the compile (never on a CPU unless measured); off (default %(default)s)")
+                   help="capture = record each transition's whole training step as a CUDA graph (what auto does on a "
+                        "GPU); on = torch.compile each transition's graph; reduce-overhead = with CUDA graphs; auto on a "
+                        "CPU: eager; off (default %(default)s)")
     g.add_argument("--amp", default=d["amp"], choices=["off", "bf16", "fp16"],
                    help="mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32 (default %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (faster convs on GPUs)")

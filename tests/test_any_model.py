@@ -221,3 +221,11 @@ def test_only_modules_whose_code_reads_their_mode_are_watched_each_step():
     lm = compile_localsgd(model)
     watched = {type(m).__name__ for m, _ in lm._mode_watch}
     assert "BNAct" in watched and watched == {type(m).__name__ for m, _ in mode_watch(lm.graph_for(0), model)}
+
+
+def test_explain_names_what_was_kept_opaque():
+    model, _ = build_quirk("padsame")
+    with pytest.warns(UserWarning, match="opaque"):
+        lm = compile_localsgd(model)
+    text = lm.explain(print_fn=None)
+    assert "kept opaque (its layers stay on SGD): 'blocks.0.0'" in text and "math.ceil" in text
