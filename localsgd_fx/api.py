@@ -169,7 +169,8 @@ class LocalSGDModule(nn.Module):
             weight = self._weight(layer.index)
             norms[layer.index] = float((weight.detach() - start).norm()) if start is not None else 0.0
         new_t = self.transition
-        if self.schedule.decide_every is None:      # else it decides in maybe_decide
+        trained = self._steps_this_epoch or any(norms.values())   # no step and no weight moved: t stays
+        if self.schedule.decide_every is None and trained:      # else it decides in maybe_decide
             stats = EpochStats(epoch=self.epoch + 1, transition=self.transition, num_layers=len(self._order),
                                max_local=self.max_local, update_norms=norms, flop_shares=self._order.flop_shares(),
                                signals=self._read_signals(), mean_lr=mean_lr)
@@ -225,8 +226,11 @@ class LocalSGDModule(nn.Module):
         return self.signals.read(self.transition, self.model)
 
     def set_transition(self, t: int, *, force: bool = False) -> None:
-        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
+        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) or past ``max_local`` needs ``force=True``."""
         check_transition(self._order, t)
+        if t > self.max_local and not force:
+            raise LocalSGDError(f"transition {t} is past max_local={self.max_local}: at most {self.max_local} of the "
+                                f"{len(self._order)} layers may be local (force=True to inspect it anyway)")
         if t < self.transition and not force:
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")
@@ -349,12 +353,13 @@ class LocalSGDModule(nn.Module):
 
     def _measure_flops(self, args, kwargs) -> None:
         """Count FLOPs from the first call's inputs (one extra eval-mode forward, once)."""
-        self._flops_pending = False
         if kwargs:
+            self._flops_pending = False
             warnings.warn("FLOP shares need positional inputs: pass example_inputs=(...) to compile_localsgd; "
                           "local_fraction and speed_bound stay unknown", stacklevel=3)
             return
         self.__dict__["_order"] = find_layers(self._traced, args)   # propagates shapes once
+        self._flops_pending = False   # only now: a first call with bad inputs raises, and the next one measures
 
     def _device_type(self) -> str:
         return self.supervision.lr.device.type
@@ -484,8 +489,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     order = find_layers(traced, example_inputs)
     n = len(order)
     max_local = n - 1 if max_local is None else max_local
-    if not isinstance(max_local, int) or not 0 <= max_local <= n:
-        raise ValueError(f"max_local must be an int in 0..{n} (this model has {n} layers), got {max_local!r}")
+    if not isinstance(max_local, int) or not 0 <= max_local < n:   # all n local: nothing left to back-propagate
+        raise ValueError(f"max_local must be an int in 0..{n - 1} (this model has {n} layers), got {max_local!r}")
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
                             check_finite=check_finite, total_epochs=total_epochs)

@@ -30,6 +30,7 @@ from passes.partition import check_transition
 
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
+from .cli import OneLineParser
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
 from .train import ConfigError
@@ -168,7 +169,7 @@ def machine_line(device: str) -> str:
 
 
 def main_step(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--rule", default="hebbian",
                         help="local rule (default %(default)s: the rule whose update GEMM the bound models; freeze: none)")

@@ -65,7 +65,7 @@ def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "heb
     lm = compile_localsgd(model, rule=rule, schedule="manual", local_lr=lr, weak_supervision="off", sample_fraction=1.0)
     n_layers = len(lm.layer_order)
     t = min(t, n_layers)
-    lm.set_transition(t)
+    lm.set_transition(t, force=True)   # t = n_layers (all local, past max_local) is asked explicitly
     local = lm.layer_order.names[:t]
     before = clone_state(model)
 
