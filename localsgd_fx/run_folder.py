@@ -73,13 +73,10 @@ def prepare_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
                               "--overwrite to start over, or another --out")
     present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
     if present:
-        ours = [name for name in present if name in RUN_FILES]
         shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
-        why = ("the record of an earlier run whose checkpoint is gone" if ours == present
-               else "files this run did not write")
-        raise RunFolderError(f"--out {folder} already holds {why} ({shown}); a new run needs a new or empty folder: "
-                             "pass another --out" + (", or --overwrite to replace the earlier run's files" if ours
-                                                     else ""))
+        raise RunFolderError(f"--out {folder} already holds files that a new run must not overwrite ({shown}): pass "
+                             "another --out (a new or empty folder), or --overwrite to delete an earlier run's files "
+                             f"there ({', '.join(RUN_FILES[1:])}; other files are kept)")
 
 
 def new_run_folder(stem: str | os.PathLike[str]) -> Path:
