@@ -88,6 +88,9 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     transitions = transitions or default_transitions(n, model.max_local)
     for t in transitions:   # before any step: a bad t fails in seconds, not after the warm-up
         check_transition(model.layer_order, t)
+        if t > model.max_local:   # every layer local: nothing to back-propagate
+            raise ConfigError(f"--transitions {t} is past the {model.max_local} layers that may be local "
+                              f"(of {n}): pass values in 0..{model.max_local}")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     arms = [0, *transitions]
     amp_dtype = AMP_DTYPES[amp]

@@ -129,10 +129,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default=d["amp"], choices=["off", "bf16", "fp16"],
                    help="mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32 (default %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (faster convs on GPUs)")
-    g.add_argument("--out", help="run directory (default: a new runs/<model>-<dataset>-<date-time>; "
-                                 "--resume needs the folder of the run)")
+    g.add_argument("--out", help="run directory, new or empty for a new run (default: a new "
+                                 "runs/<model>-<dataset>-<date-time>; --resume needs the folder of the run)")
     g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in --out: deletes the files an earlier run wrote there (other files are kept)")
     g.add_argument("--stop-after", type=int, metavar="E",
                    help="stop after epoch E (resumable; schedules still span --epochs)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for logs)")
@@ -219,7 +220,7 @@ def _inspect(args: argparse.Namespace) -> int:
     model = models_zoo.get_model(args.model, args.num_classes, args.in_channels)
     example = torch.randn(2, args.in_channels, args.image_size, args.image_size)
     lm = compile_localsgd(model, rule=args.rule, schedule="manual", compile=False, example_inputs=(example,))
-    lm.set_transition(args.transition)
+    lm.set_transition(args.transition, force=True)   # only looked at: every layer local may be shown too
     print(lm.graph_module.code)
     lm.explain()
     out = Path(args.out)

@@ -63,7 +63,8 @@ from .metrics import SavedActivationMeter, format_table, write_metrics
 from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
-__all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
+__all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer",
+           "TrainResult", "Callback", "fit", "load_data"]
 
 # ---------------------------------------------------------------------------------------------
 # The default run (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
@@ -612,9 +613,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} cannot be resumed: {exc}") from exc
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer ({type(exc).__name__}: "
-                                  f"{first}); it was changed after it was written or by another release: start a "
-                                  "new run with another --out (or --overwrite)") from exc
+            raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer "
+                                  f"({type(exc).__name__}: {first}); it was changed after it was written or by "
+                                  "another release: start a new run with another --out (or --overwrite)") from exc
         lm = self.model
         if lm.transition > lm.max_local:   # a run whose every layer is local has nothing to back-propagate
             raise CheckpointError(f"checkpoint {path} is at t={lm.transition}, past the {lm.max_local} layers that may "

@@ -382,3 +382,10 @@ def test_item10_usage_errors_are_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "error:" in err and "--help" in err and "usage" not in err, err
+
+
+def test_item3_bench_step_refuses_an_all_local_transition(capsys):
+    from localsgd_fx.cli import main
+
+    assert main(["bench", "step", "--model", "smallcnn", "--transitions", "5", "--device", "cpu"]) == 2
+    one_line_error(capsys, "--transitions 5 is past the 4 layers that may be local (of 5): pass values in 0..4")

@@ -223,7 +223,7 @@ def test_deepcopy_of_local_module_runs_identically(spec, data):
     model, x = build(spec)
     lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
                           sample_fraction=1.0)
-    lm.set_transition(data.draw(st.integers(1, len(lm.layer_order)), label="t"))
+    lm.set_transition(data.draw(st.integers(1, len(lm.layer_order)), label="t"), force=True)   # all local too
     lm.graph_module  # populate the caches before copying
     twin = copy.deepcopy(lm)
     before = clone_state(model)
