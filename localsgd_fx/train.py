@@ -516,11 +516,7 @@ class Trainer:
                     bar.set_postfix({"t": t_now, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
             bar.update()
         segments.append((t_now, steps - segment_start))
-        if not math.isfinite(loss_sum.item()):   # before the schedule reads the (non-finite) weights
-            raise TrainingDiverged(
-                f"training diverged in epoch {self.epoch + 1}: the training loss became {loss_sum.item()}; lower "
-                f"--lr (now {cfg.lr})" + (f" or --local-lr (now {cfg.local_lr})" if lm.rule.updates else "") +
-                (f"; the last checkpoint (epoch {self.epoch}) is intact" if self.epoch and cfg.out else ""))
+        self._check_diverged(loss_sum)   # before the schedule reads the (non-finite) weights
         p, bound = _epoch_figures(lm, [seg for seg in segments if seg[1]])        # of the transitions used this epoch
         compiled = lm.is_compiled(t_now)
         t_next = step_model.end_epoch(mean_lr=lr_sum / steps if steps else None)
@@ -559,6 +555,21 @@ class Trainer:
         for cb in self.callbacks:
             _call(cb, "on_epoch_end", self, record)
         return record
+
+    @torch.no_grad()
+    def _check_diverged(self, loss_sum: torch.Tensor) -> None:
+        """Raise :class:`TrainingDiverged` if the epoch's loss or a weight's norm is inf/NaN (one device read)."""
+        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in self.model.parameters()])
+        finite = torch.isfinite(torch.cat([loss_sum.float().reshape(1), norms])).tolist()
+        if all(finite):
+            return
+        cfg = self.config
+        what = (f"the training loss became {loss_sum.item()}" if not finite[0]
+                else "the weights grew beyond the float range")
+        raise TrainingDiverged(
+            f"training diverged in epoch {self.epoch + 1}: {what}; lower --lr (now {cfg.lr})"
+            + (f" or --local-lr (now {cfg.local_lr})" if self.model.rule.updates else "")
+            + (f"; the last checkpoint (epoch {self.epoch}) is intact" if self.epoch and cfg.out else ""))
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, float]:

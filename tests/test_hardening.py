@@ -395,3 +395,20 @@ def test_item3_bench_step_refuses_an_all_local_transition(capsys):
 
     assert main(["bench", "step", "--model", "smallcnn", "--transitions", "5", "--device", "cpu"]) == 2
     one_line_error(capsys, "--transitions 5 is past the 4 layers that may be local (of 5): pass values in 0..4")
+
+
+def test_item10_weights_beyond_the_float_range_are_divergence_too(data_dir):
+    """With real data and --lr 1e6 the loss stayed finite while the weights' norms overflowed."""
+    import torch
+
+    from localsgd_fx.train import Callback, TrainConfig, TrainingDiverged, fit
+
+    class Blow(Callback):
+        def on_step_end(self, trainer, step, loss):
+            with torch.no_grad():
+                trainer.model.model.fc.weight.fill_(1e20)          # finite, but its norm is not
+
+    cfg = TrainConfig(model="smallcnn", data_dir=data_dir, train_subset=192, test_subset=128, batch_size=64, epochs=2,
+                      out=None, progress=False, device="cpu")
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1: the weights grew beyond the float range"):
+        fit(cfg, callbacks=[Blow()], log=None)
