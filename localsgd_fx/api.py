@@ -207,7 +207,7 @@ class LocalSGDModule(nn.Module):
         return self.driver.maybe_decide()
 
     def set_transition(self, t: int, *, force: bool = False) -> None:
-        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
+        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) or past ``max_local`` needs ``force=True``."""
         self.driver.set_transition(t, force=force)
 
     def _moved(self, t: int) -> None:
@@ -365,13 +365,14 @@ class LocalSGDModule(nn.Module):
 
     def _measure_flops(self, args, kwargs) -> None:
         """Count FLOPs from the first call's inputs (one extra eval-mode forward, once)."""
-        self._flops_pending = False
         if kwargs:
+            self._flops_pending = False
             warnings.warn("FLOP shares need positional inputs: pass example_inputs=(...) to compile_localsgd; "
                           "local_fraction and speed_bound stay unknown", stacklevel=3)
             return
         order = find_layers(self.graphs.traced, args)   # propagates shapes once
         self.graphs.order = self.driver.order = order
+        self._flops_pending = False   # only now: a first call with bad inputs raises, and the next one measures
 
     def _apply(self, fn, recurse=True):
         # moving/casting may replace tensors (buffers always, the local rate among them): point the traced
@@ -455,8 +456,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     order = find_layers(traced, example_inputs)
     n = len(order)
     max_local = n - 1 if max_local is None else max_local
-    if not isinstance(max_local, int) or not 0 <= max_local <= n:
-        raise ValueError(f"max_local must be an int in 0..{n} (this model has {n} layers), got {max_local!r}")
+    if not isinstance(max_local, int) or not 0 <= max_local < n:   # all n local: nothing left to back-propagate
+        raise ValueError(f"max_local must be an int in 0..{n - 1} (this model has {n} layers), got {max_local!r}")
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
                             check_finite=check_finite, total_epochs=total_epochs, inplace=inplace)

@@ -2,8 +2,8 @@
 
 Every file the library writes (checkpoints, metrics, plots, JSON reports, downloads) goes through
 :func:`atomic_open`: the data is written to a hidden temporary file in the destination's folder and
-moved over the destination with ``os.replace`` (atomic on POSIX) once complete; on any exception,
-Ctrl-C included, the temporary file is deleted instead.
+moved over the destination with ``os.replace`` (atomic on POSIX) once complete, with the mode the
+umask gives any new file; on any exception, Ctrl-C included, the temporary file is deleted instead.
 
 Example::
 
@@ -38,6 +38,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *, durable: bool
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; the file gets the mode any new file would
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             if durable:
@@ -56,6 +57,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool 
     with atomic_open(path, "w", durable=durable) as f:
         f.write(text)
     return Path(path)
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -32,6 +32,7 @@ from passes.partition import check_transition
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
 from .capture import TrainStep
+from .cli import OneLineParser
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
 from .train import ConfigError
@@ -95,6 +96,9 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
     transitions = transitions or default_transitions(n, model.max_local)
     for t in transitions:   # before any step: a bad t fails in seconds, not after the warm-up
         check_transition(model.layer_order, t)
+        if t > model.max_local:   # every layer local: nothing to back-propagate
+            raise ConfigError(f"--transitions {t} is past the {model.max_local} layers that may be local "
+                              f"(of {n}): pass values in 0..{model.max_local}")
     arms = [0, *transitions]
     train_step = _train_step(model, mode, device, amp)
 
@@ -220,7 +224,7 @@ def machine_line(device: str) -> str:
 
 
 def main_step(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--rule", default="hebbian",
                         help="local rule (default %(default)s: the rule whose update GEMM the bound models; freeze: none)")

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .atomic import atomic_write_text
+from .cli import OneLineParser
 from .metrics import format_table
 from .runtime import COMPILE_MODES, resolve_device
-from .train import AMP_DTYPES, Trainer, TrainConfig, load_data
+from .train import AMP_DTYPES, ConfigError, Trainer, TrainConfig, load_data, without_unused
 
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
 DEFAULT = dict(model="resnet20", train_subset=10000, test_subset=5000, epochs=8, batch_size=128)
@@ -93,7 +94,9 @@ def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[st
     data = load_data(base)
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in arms}
     for seed in seeds:
-        trainers = {name: Trainer(replace(base, **overrides, seed=seed).validate(), data=data, log=None)
+        # an arm runs what it names: settings of the base that the arm does not use (a local rate for SGD) are reset
+        trainers = {name: Trainer(without_unused(replace(base, **overrides, seed=seed)).validate(), data=data,
+                                  log=None)
                     for name, overrides in arms.items()}
         for epoch in range(base.epochs):
             for name, trainer in trainers.items():
@@ -132,6 +135,25 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
     return out
 
 
+#: The keys of a tradeoff.json that --from-json reads.
+SAVED_KEYS = ("runs", "seeds", "config", "machine")
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """A ``tradeoff.json`` written by ``bench tradeoff``, or a :class:`ConfigError` naming what it lacks."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--from-json {path}: cannot read it as JSON ({exc})") from exc
+    missing = [key for key in SAVED_KEYS if key not in saved] if isinstance(saved, dict) else list(SAVED_KEYS)
+    runs = saved.get("runs") if isinstance(saved, dict) else None
+    if missing or not isinstance(runs, dict) or not runs or not all(isinstance(v, list) and v for v in runs.values()):
+        lacks = f"lacks {', '.join(missing)}" if missing else "has no per-epoch records under 'runs'"
+        raise ConfigError(f"--from-json {path} is not a tradeoff.json written by 'localsgd bench tradeoff' (it "
+                          f"{lacks}); pass the tradeoff.json of a finished benchmark")
+    return saved
+
+
 def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str, *, markdown: bool = False) -> str:
     def cell(stat: tuple[float, float], spec: str) -> str:
         mean, std = stat
@@ -148,7 +170,7 @@ def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str, *, mark
 
 def main(argv: list[str] | None = None) -> int:
     """``localsgd bench tradeoff`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="localsgd bench tradeoff", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="localsgd bench tradeoff", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="tiny smoke test: " + _describe(QUICK))
     parser.add_argument("--model", help=f"zoo model (default {DEFAULT['model']}; --quick: {QUICK['model']})")
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -171,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="train nothing: print the table (Markdown too) and redraw the plots of a saved tradeoff.json")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        _report(saved["runs"], saved["seeds"], saved["config"], Path(args.from_json).parent,
-                memory_kind="CUDA MB peak / last" if "cuda" in saved["machine"] else "saved activ. MB peak / last",
-                markdown=True)
+        saved = _read_saved(Path(args.from_json))
+        try:
+            _report(saved["runs"], saved["seeds"], saved["config"], Path(args.from_json).parent,
+                    memory_kind="CUDA MB peak / last" if "cuda" in saved["machine"] else "saved activ. MB peak / last",
+                    markdown=True)
+        except (KeyError, TypeError, IndexError, ZeroDivisionError) as exc:
+            raise ConfigError(f"--from-json {args.from_json}: its records are incomplete ({type(exc).__name__}: "
+                              f"{exc}); pass the unedited tradeoff.json of a finished benchmark") from exc
         return 0
     preset = QUICK if args.quick else DEFAULT
     args.seeds = args.seeds or ([0] if args.quick else DEFAULT_SEEDS)

@@ -3,9 +3,10 @@
 A checkpoint is one ``torch.save`` file holding plain data only (tensors, dicts, lists, numbers,
 strings), so it loads with ``torch.load(weights_only=True)``::
 
-    {"format_version", "config", "epoch", "model" (LocalSGDModule.state_dict: weights, weak
-     supervision, transition, schedule state, history), "optimizer", "lr_scheduler", "rng",
-     "metrics"}
+    {"format_version", "config", "data" (what identifies the train and test data: image count,
+     shape and a SHA-256 of pixels and labels; checked on resume), "epoch", "model"
+     (LocalSGDModule.state_dict: weights, weak supervision, transition, schedule state, history),
+     "optimizer", "lr_scheduler", "rng", "metrics"}
 
 It is written atomically and durably (:func:`~localsgd_fx.atomic.atomic_open`): a crash or Ctrl-C
 at any moment leaves either the old or the new checkpoint, never a torn one.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from passes.errors import LocalSGDError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "OneLineParser"]
 
 TRAIN_DESCRIPTION = (
     "Train a CNN with LoCal+SGD: layers 0..t-1 run forward only - frozen (the default rule) or updated by a local rule "
@@ -41,6 +41,13 @@ TRAIN_DESCRIPTION = (
 #: Printed as one line with exit status 2: the library's errors, ValueError (Python's error for a bad
 #: argument, raised by the zoo, the schedules and the rules) and OSError (a file that cannot be read or written).
 _ERRORS: tuple[type[BaseException], ...] = (LocalSGDError, ValueError, OSError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the message and where the help is), exit status 2."""
+
+    def error(self, message: str) -> None:   # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_or_float(text: str) -> int | float:
@@ -123,10 +130,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default=d["amp"], choices=["off", "bf16", "fp16"],
                    help="mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32 (default %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (faster convs on GPUs)")
-    g.add_argument("--out", help="run directory (default: a new runs/<model>-<dataset>-<date-time>; "
-                                 "--resume needs the folder of the run)")
+    g.add_argument("--out", help="run directory, new or empty for a new run (default: a new "
+                                 "runs/<model>-<dataset>-<date-time>; --resume needs the folder of the run)")
     g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    g.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in --out: deletes the files an earlier run wrote there (other files are kept)")
     g.add_argument("--stop-after", type=int, metavar="E",
                    help="stop after epoch E (resumable; schedules still span --epochs)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for logs)")
@@ -135,7 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .api import DEFAULT_RULE
 
-    parser = argparse.ArgumentParser(prog="localsgd",
+    parser = OneLineParser(prog="localsgd",
                                      description="LoCal+SGD: selective localized learning as a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
     train = sub.add_parser("train", help="train a model with LoCal+SGD (no flags: the default run, ~4 min on 2 CPU cores)",
@@ -177,17 +185,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .distributed import gather_objects, process_group_from_env, rank
+    from .run_folder import new_run_folder
     from .train import TrainConfig, fit
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
     if values["out"] is None and args.resume:
         raise ValueError("--resume needs --out DIR: the folder of the run to continue")
     with process_group_from_env(args.device):           # under torchrun: one process per shard
-        if values["out"] is None:                       # rank 0's clock names the folder of every process
-            values["out"] = gather_objects(f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")[0]
+        made = None
+        if values["out"] is None:                       # rank 0 makes the folder of every process
+            stem = f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            made = new_run_folder(stem) if rank() == 0 else None
+            values["out"] = str(gather_objects(made)[0])
         for key in ("train_subset", "test_subset"):
             values[key] = values[key] or None            # 0 = the whole split
-        result = fit(TrainConfig.from_dict(values))
+        try:
+            result = fit(TrainConfig.from_dict(values))
+        finally:
+            if made is not None and not any(made.iterdir()):   # a refused run leaves no empty folder
+                made.rmdir()
         if rank() == 0:
             print(result.summary())
     return 0
@@ -205,7 +221,7 @@ def _inspect(args: argparse.Namespace) -> int:
     model = models_zoo.get_model(args.model, args.num_classes, args.in_channels)
     example = torch.randn(2, args.in_channels, args.image_size, args.image_size)
     lm = compile_localsgd(model, rule=args.rule, schedule="manual", compile=False, example_inputs=(example,))
-    lm.set_transition(args.transition)
+    lm.set_transition(args.transition, force=True)   # only looked at: every layer local may be shown too
     print(lm.graph_module.code)
     lm.explain()
     out = Path(args.out)

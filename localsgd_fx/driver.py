@@ -78,7 +78,8 @@ class ScheduleDriver:
         norms: dict[int, float] = {}
         if self.schedule.decide_every is None:      # else it decides in maybe_decide
             norms = self.read_update_norms(before) if self.read_update_norms is not None else {}
-            self._move(int(self.schedule.select(self._stats(self.epoch + 1, norms, mean_lr))))
+            if self.steps_this_epoch or any(norms.values()):    # no step and no weight moved: nothing to judge
+                self._move(int(self.schedule.select(self._stats(self.epoch + 1, norms, mean_lr))))
         self.epoch += 1
         self.longest_epoch = max(self.longest_epoch, self.steps_this_epoch)
         self.steps_this_epoch = 0
@@ -102,8 +103,11 @@ class ScheduleDriver:
         return self.transition
 
     def set_transition(self, t: int, *, force: bool = False) -> None:
-        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) needs ``force=True``."""
+        """Make layers ``0..t-1`` local. Moving backwards (``t`` smaller) or past ``max_local`` needs ``force=True``."""
         check_transition(self.order, t)
+        if t > self.max_local and not force:    # every layer local would leave nothing to back-propagate
+            raise LocalSGDError(f"transition {t} is past max_local={self.max_local}: at most {self.max_local} of the "
+                                f"{len(self.order)} layers may be local (force=True to inspect it anyway)")
         if t < self.transition and not force:
             raise LocalSGDError(f"transition {t} < current {self.transition}: layers switch SGD -> LOCAL once and "
                                 "never back. Pass force=True to move backwards anyway.")

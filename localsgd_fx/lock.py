@@ -1,6 +1,6 @@
 """A lock on a run folder, so that two runs never write into the same ``--out`` at once.
 
-The lock is the file ``OUT/.lock``, created exclusively (``O_CREAT | O_EXCL``) and holding the
+The lock is the file ``OUT/.lock``, held with ``fcntl.flock`` while the run lasts and holding the
 owner's process id, host name and start time. A second run into the folder is refused with
 :class:`RunFolderBusy`, naming the owner. A lock left behind by a process that no longer runs (on
 this host: SIGKILL, a power cut) is taken over with a message; one from another host is never
@@ -20,6 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:   # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 from passes.errors import LocalSGDError
 
@@ -47,35 +52,55 @@ class RunLock:
         self.log = log or (lambda _msg: None)
         self._held = False
         self._made_folder = False
+        self._fd = -1
 
     def acquire(self) -> "RunLock":
-        """Take the lock, or raise :class:`RunFolderBusy` naming the process that holds it."""
+        """Take the lock, or raise :class:`RunFolderBusy` naming the process that holds it.
+
+        The lock file is held with ``fcntl.flock`` while the run lasts, so taking over a stale lock is
+        atomic: of two processes that find the same stale lock, one gets the flock and the other is
+        refused. After taking the flock the file is checked to still be the one at ``.lock`` (a
+        releasing owner deletes it), else the lock is taken again from the start.
+        """
         self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):   # a second try after removing a stale lock
+        for _ in range(5):   # again when the file was deleted or replaced between opening and locking it
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if not _is_stale(owner):
-                    self._drop_made_folder()
-                    raise RunFolderBusy(_busy_message(self.folder, self.path, owner)) from None
-                self.log(f"note: taking over the lock of {self.folder} from process {owner['pid']} on "
-                         f"{owner['host']}, which no longer runs")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            self._held = True
+                if not _flock(fd):   # a live process holds it
+                    owner = self._owner()
+                    if owner["pid"] is None or _is_stale(owner):   # the new owner has not written its name yet
+                        raise RunFolderBusy(f"{self.folder} is being locked by another run at this moment; try "
+                                            "again, or use another --out")
+                    raise RunFolderBusy(_busy_message(self.folder, self.path, owner))
+                if not _same_file(fd, self.path):   # re-check: the owner released (deleted) it meanwhile
+                    os.close(fd)
+                    continue
+                owner = self._owner(fd)   # what the locked file says, not whatever .lock names by now
+                if os.fstat(fd).st_size and not _is_stale(owner):   # held by a run that takes no flock
+                    raise RunFolderBusy(_busy_message(self.folder, self.path, owner))
+                if owner["pid"] is not None:
+                    self.log(f"note: taking over the lock of {self.folder} from process {owner['pid']} on "
+                             f"{owner['host']}, which no longer runs")
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except BaseException:
+                os.close(fd)
+                self._drop_made_folder()
+                raise
+            self._fd, self._held = fd, True
             return self
-        raise RunFolderBusy(f"{self.folder} is being locked by another run at this moment; try again, or use another --out")
+        self._drop_made_folder()
+        raise RunFolderBusy(f"{self.folder} is being locked by another run at this moment; try again, or use "
+                            "another --out")
 
     def release(self) -> None:
         """Delete the lock (and the folder, if this lock created it and nothing else was written)."""
         if self._held:
             self._held = False
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)   # before unlocking: a waiter then finds another file and retries
+            os.close(self._fd)
             self._drop_made_folder()
 
     def __enter__(self) -> "RunLock":
@@ -84,9 +109,11 @@ class RunLock:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
-    def _owner(self) -> dict[str, Any]:
+    def _owner(self, fd: int | None = None) -> dict[str, Any]:
+        """The owner named in ``.lock`` (in the file open as ``fd``, if given)."""
         try:
-            owner = json.loads(self.path.read_text(encoding="utf-8"))
+            text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text(encoding="utf-8")
+            owner = json.loads(text)
         except (OSError, ValueError):
             owner = None
         return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {"pid": None, "host": None}
@@ -97,6 +124,27 @@ class RunLock:
                 self.folder.rmdir()   # only if empty
             except OSError:
                 pass
+
+
+def _flock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if another open file holds it."""
+    if fcntl is None:   # no flock on this platform: the owner's process id alone decides
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _is_stale(owner: dict[str, Any]) -> bool:

@@ -36,7 +36,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,22 +46,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import models_zoo
+from passes import find_layers, trace
 from passes.errors import LocalSGDError
 
 from .capture import TrainStep
 from .api import DEFAULT_LOCAL_LR, DEFAULT_RULE, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .atomic import atomic_write_text
+from .rules import make_rule
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .cost import speed_bound
 from .data import Batches, ImageDataset, load_dataset
 from .lock import RunLock
+from .run_folder import disk_full_guard, prepare_run_folder
 from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
 from .metrics import SavedActivationMeter, format_table, write_metrics
 from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
 from .schedules import SCHEDULE_NAMES, make_schedule
 
-__all__ = ["TrainConfig", "ConfigError", "Trainer", "TrainResult", "Callback", "fit", "load_data"]
+__all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer",
+           "TrainResult", "Callback", "fit", "load_data"]
 
 # ---------------------------------------------------------------------------------------------
 # The default run (``python3 -m localsgd_fx train``): LoCal+SGD ResNet-20 on Fashion-MNIST
@@ -77,9 +81,6 @@ MAIN_TEST_SUBSET = 2000
 STEP_MILESTONES, STEP_GAMMA = (0.5, 0.75), 0.1
 #: Data subsets are drawn with this seed whatever ``seed`` is, so every seed sees the same images.
 SUBSET_SEED = 0
-#: The files a run writes into its folder (``--overwrite`` deletes them before starting over).
-RUN_FILES = (CHECKPOINT_NAME, "config.json", "metrics.jsonl", "metrics.csv", "summary.json", "transition.png",
-             "accuracy_vs_time.png")
 #: Config fields that steer the run but not its numbers: a resumed run may change them; any other
 #: difference from the checkpoint's config (``epochs`` included: it shapes the LR and static schedules)
 #: is refused.
@@ -87,12 +88,19 @@ RUN_CONTROL = ("data_dir", "out", "resume", "overwrite", "stop_after", "progress
                "eval_batch_size")
 
 
+#: The keys a checkpoint must hold to be resumed (``grad_scaler``, ``rng_ranks`` and ``data`` are optional).
+CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "lr_scheduler", "rng", "metrics")
+
 #: How the local rule's η0 changes over a run: kept, or multiplied by the SGD learning rate's schedule factor.
 LOCAL_LR_SCHEDULES = ("constant", "follow")
 
 
 class ConfigError(LocalSGDError, ValueError):
     """A configuration value or combination that cannot run; the message names the field and what is valid."""
+
+
+class TrainingDiverged(LocalSGDError):
+    """The training loss became inf or NaN; the message names the epoch and the settings to lower."""
 
 
 @dataclass
@@ -178,14 +186,22 @@ class TrainConfig:
         need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
         need(self.local_lr_schedule in LOCAL_LR_SCHEDULES,
              f"local_lr_schedule must be one of {', '.join(LOCAL_LR_SCHEDULES)}, got {self.local_lr_schedule!r}")
+        need(self.out is None or (isinstance(self.out, str) and self.out.strip() != ""),
+             f"--out must name a folder, got {self.out!r}; leave --out out to write into a new folder under runs/")
         need(not (self.resume and self.overwrite),
              "resume and overwrite exclude each other: --resume continues the run in --out, --overwrite starts it over")
         need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         need(self.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        need(self.max_local is None or (isinstance(self.max_local, int) and not isinstance(self.max_local, bool)
+                                        and self.max_local >= 0),
+             f"max_local must be an int >= 0 (layers), got {self.max_local!r}")
         resolve_device(self.device)   # raises when CUDA is asked for and absent
         schedule_kwargs(self)   # raises on options that do not belong to the schedule
+        unused = unused_settings(self)
+        need("rule" not in unused, f"--rule {self.rule} has no effect: {unused.get('rule')}; leave it out, or pick "
+                                   "another --schedule")   # the rest is warned about (Trainer)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +211,31 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def unused_settings(config: TrainConfig) -> dict[str, str]:
+    """The fields ``config`` sets away from their defaults that its run would not use -> why.
+
+    :meth:`TrainConfig.validate` refuses a rule under ``schedule="sgd"``, :class:`Trainer` warns about the
+    others (a local rule's settings with a rule that makes no update); :func:`without_unused` resets them
+    (for benchmark arms that share one base config)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    unused: dict[str, str] = {}
+    if config.schedule == "sgd" and config.rule != defaults["rule"]:
+        unused["rule"] = "--schedule sgd trains every layer by SGD, no layer is ever local"
+    if config.schedule == "sgd" or not make_rule(config.rule).updates:
+        why = ("--schedule sgd has no local layers" if config.schedule == "sgd"
+               else f"rule {config.rule!r} makes no local update (pick hebbian, oja or softhebb to use it)")
+        for name in ("local_lr", "local_lr_schedule", "weak_supervision"):
+            if getattr(config, name) != defaults[name]:
+                unused[name] = why
+    return unused
+
+
+def without_unused(config: TrainConfig) -> TrainConfig:
+    """``config`` with the fields its run would not use (:func:`unused_settings`) back at their defaults."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return replace(config, **{name: defaults[name] for name in unused_settings(config)})
 
 
 def _pos_int(value: Any) -> bool:
@@ -362,7 +403,11 @@ class Trainer:
         self.rank, self.world_size = rank(), world_size()
         self.log = log if log is not None and self.rank == 0 else (lambda _msg: None)
         self.device = resolve_device(config.device)
+        for name, why in unused_settings(config).items():
+            self.log(f"warning: --{name.replace('_', '-')} {getattr(config, name)} has no effect: {why}")
         self.train_set, self.test_set = data if data is not None else load_data(config)
+        #: what identifies the data trained and tested on (checked on resume): ``{"train": ..., "test": ...}``
+        self.data_identity = {"train": self.train_set.identity(), "test": self.test_set.identity()}
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -375,6 +420,11 @@ class Trainer:
         self.batches = Batches(self.train_set, config.batch_size * n, augment=augment, seed=config.seed,
                                device=self.device, drop_last=tiny_tail, **shards)
         schedule = make_schedule(config.schedule, **schedule_kwargs(config, len(self.batches)))
+        if config.max_local is not None:
+            n = len(find_layers(trace(net, warn=False)))
+            if config.max_local >= n:
+                raise ConfigError(f"--max-local {config.max_local} is out of range for {config.model} ({n} layers): "
+                                  f"pass 0..{n - 1}; at least the last layer must learn by SGD")
         # a GPU run under compile="auto" records each t's whole step as a CUDA graph (no compiler in the loop),
         # where a recording can work: one process, no fp16 gradient scaler
         capture = config.compile == "capture" or (config.compile == "auto" and self.device.type == "cuda"
@@ -474,6 +524,7 @@ class Trainer:
                     bar.set_postfix({"t": t_now, "loss": f"{shown[0]:.3f}", "acc": f"{100 * shown[1]:.1f}%"})
             bar.update()
         segments.append((t_now, steps - segment_start))
+        self._check_diverged(loss_sum)   # before the schedule reads the (non-finite) weights
         p, bound = _epoch_figures(lm, [seg for seg in segments if seg[1]])        # of the transitions used this epoch
         compiled = lm.is_compiled(t_now)
         t_next = step_model.end_epoch(mean_lr=lr_sum / steps if steps else None)
@@ -515,6 +566,21 @@ class Trainer:
         return record
 
     @torch.no_grad()
+    def _check_diverged(self, loss_sum: torch.Tensor) -> None:
+        """Raise :class:`TrainingDiverged` if the epoch's loss or a weight's norm is inf/NaN (one device read)."""
+        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in self.model.parameters()])
+        finite = torch.isfinite(torch.cat([loss_sum.float().reshape(1), norms])).tolist()
+        if all(finite):
+            return
+        cfg = self.config
+        what = (f"the training loss became {loss_sum.item()}" if not finite[0]
+                else "the weights grew beyond the float range")
+        raise TrainingDiverged(
+            f"training diverged in epoch {self.epoch + 1}: {what}; lower --lr (now {cfg.lr})"
+            + (f" or --local-lr (now {cfg.local_lr})" if self.model.rule.updates else "")
+            + (f"; the last checkpoint (epoch {self.epoch}) is intact" if self.epoch and cfg.out else ""))
+
+    @torch.no_grad()
     def evaluate(self) -> tuple[float, float, float]:
         """``(test loss, test accuracy, seconds)`` with ``model.eval()`` (the untouched graph)."""
         start = time.perf_counter()
@@ -538,7 +604,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint contents (see :mod:`localsgd_fx.checkpoint`)."""
-        return {"config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+        return {"config": self.config.to_dict(), "data": self.data_identity, "epoch": self.epoch,
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 "rng": self.rng, "metrics": list(self.metrics),
@@ -546,13 +613,34 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
         """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside :data:`RUN_CONTROL`."""
+        missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by a finished "
+                                  "epoch of this release and cannot be resumed; start a new run with another --out "
+                                  "(or --overwrite)")
         check_compatible(state, self.config.to_dict(), path, ignore=RUN_CONTROL)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
+        self._check_same_data(state, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
+            self.epoch, self.metrics, self.rng = int(state["epoch"]), list(state["metrics"]), state["rng"]
+        except CheckpointError:
+            raise
+        except LocalSGDError as exc:   # the model's own checks (its layers, a transition past max_local)
+            raise CheckpointError(f"checkpoint {path} cannot be resumed: {exc}") from exc
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer "
+                                  f"({type(exc).__name__}: {first}); it was changed after it was written or by "
+                                  "another release: start a new run with another --out (or --overwrite)") from exc
+        lm = self.model
+        if lm.transition > lm.max_local:   # a run whose every layer is local has nothing to back-propagate
+            raise CheckpointError(f"checkpoint {path} is at t={lm.transition}, past the {lm.max_local} layers that may "
+                                  f"be local (of {len(lm.layer_order)}); it cannot be trained further: start a new run "
+                                  "with another --out (or --overwrite)")
         ranks = state.get("rng_ranks", [])
         if len(ranks) == self.world_size > 1:   # each process continues its own random stream
             self.rng = ranks[self.rank]
@@ -561,6 +649,20 @@ class Trainer:
         if was != self.world_size:
             self.log(f"warning: resuming a run of {was} process(es) with {self.world_size}: the global batch changes "
                      f"from {was} x {self.config.batch_size} to {self.world_size} x {self.config.batch_size}")
+
+    def _check_same_data(self, state: dict[str, Any], path: Path | str) -> None:
+        """Refuse to resume on other data than the checkpoint's (the splits' contents, not their paths)."""
+        saved, now = state.get("data"), self.data_identity
+        if saved is None:   # written before data identities were recorded
+            return
+        for split in ("train", "test"):
+            if saved.get(split) != now[split]:
+                raise CheckpointError(
+                    f"checkpoint {path} was trained on other {split} data than --data-dir "
+                    f"{self.config.data_dir or '(the standard places)'} holds now ({saved.get(split, {}).get('images')}"
+                    f" images, fingerprint {saved.get(split, {}).get('sha256', '?')[:12]}; now {now[split]['images']} "
+                    f"images, {now[split]['sha256'][:12]}): resume with the data it was trained on, or start a new "
+                    "run with another --out")
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> TrainResult:
@@ -582,15 +684,19 @@ class Trainer:
         stop = min(cfg.epochs, cfg.stop_after or cfg.epochs)
         plots: dict[str, Path] = {}
         writes = self.out_dir is not None and self.rank == 0
+        saved = self.epoch          # the epoch of the checkpoint in the run folder
         while self.epoch < stop:
             rec = self.train_epoch()
             self.log(self._epoch_line(rec))
             if writes:
-                save_checkpoint(self.state_dict(), ckpt)
-                write_metrics(self.metrics, self.out_dir)
-                plots = self.write_plots()
+                with disk_full_guard(self.out_dir, saved):
+                    save_checkpoint(self.state_dict(), ckpt)
+                    saved = self.epoch
+                    write_metrics(self.metrics, self.out_dir)
+                    plots = self.write_plots()
         if writes and self.metrics and not plots:
-            plots = self.write_plots()
+            with disk_full_guard(self.out_dir, saved):
+                plots = self.write_plots()
         result = TrainResult(cfg, list(self.metrics), self.model, self.out_dir, ckpt, plots)
         if writes:
             summary = {"final_test_acc": result.final_test_acc, "train_time_s": result.train_time_s,
@@ -599,7 +705,8 @@ class Trainer:
                        "compile_s": sum(r["compile_s"] for r in self.metrics),
                        "compile_decisions": [d.as_dict() for d in self.model.compile_decisions],
                        "last_epoch": self.metrics[-1] if self.metrics else None}
-            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=1))
+            with disk_full_guard(self.out_dir, saved):
+                atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=1))
         for cb in self.callbacks:
             _call(cb, "on_train_end", self, result)
         return result
@@ -615,24 +722,22 @@ class Trainer:
                 "accuracy vs time": plot_accuracy_vs_time({name: self.metrics}, self.out_dir / "accuracy_vs_time.png")}
 
     def _prepare_out_dir(self) -> Path | None:
-        """Resume from, or refuse to overwrite, ``out/checkpoint.pt``; nothing is written before the checks pass."""
+        """Resume from ``out/checkpoint.pt``, or check that ``out`` may take a new run
+        (:func:`~localsgd_fx.run_folder.prepare_run_folder`); nothing is written before the checks pass."""
         if self.out_dir is None:
             if self.config.resume:
                 raise CheckpointError("resume needs an output directory (out) holding checkpoint.pt")
             return None
         ckpt = self.out_dir / CHECKPOINT_NAME
+        if self.rank == 0:
+            prepare_run_folder(self.out_dir, resume=self.config.resume, overwrite=self.config.overwrite)
         if self.config.resume:
             self.load_state_dict(load_checkpoint(ckpt), ckpt)
             self.log(f"resumed {ckpt} at epoch {self.epoch} (t={self.model.transition})")
-        elif ckpt.exists() and not self.config.overwrite:
-            raise CheckpointError(f"{ckpt} already exists: pass --resume to continue that run, --overwrite to "
-                                  "start over, or another --out")
-        elif self.config.overwrite and self.rank == 0:   # the old run's record must not stand beside the new run's config
-            for name in RUN_FILES:
-                (self.out_dir / name).unlink(missing_ok=True)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
+            with disk_full_guard(self.out_dir, self.epoch):
+                atomic_write_text(self.out_dir / "config.json", json.dumps(self.config.to_dict(), indent=1))
         return ckpt
 
     def _epoch_line(self, r: dict[str, Any]) -> str:

@@ -100,6 +100,22 @@ MUTANTS = [
            "passes/trace.py", "            self.modes[path] = m.training", "            pass", ("tests/test_trace.py",)),
     Mutant("shapes-move-stats", "measuring shapes leaves BatchNorm statistics moved", "passes/layers.py",
            "                b.copy_(saved)\n", "                pass\n", ("tests/test_trace.py",)),
+    # issue 22: hardening (the lock, the data identity, the run folder)
+    Mutant("lock-recheck", "the lock is not re-checked after the flock (a deleted lock file is held)",
+           "localsgd_fx/lock.py", "                if not _same_file(fd, self.path):", "                if False:",
+           ("tests/test_hardening.py::test_a_lock_replaced_between_opening_and_locking_is_taken_again",)),
+    Mutant("lock-no-flock", "the lock file is not flocked: two processes take a stale lock over at once",
+           "localsgd_fx/lock.py", "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "        pass\n",
+           ("tests/test_hardening.py::test_two_processes_taking_over_a_stale_lock_never_both_hold_it",)),
+    Mutant("data-identity", "resume does not compare the data with the checkpoint's", "localsgd_fx/train.py",
+           "        self._check_same_data(state, path)\n", "",
+           ("tests/test_hardening.py::test_item5_resume_refuses_other_data_but_not_another_path",)),
+    Mutant("cifar-cache-source", "the CIFAR cache is used whatever archive it came from", "localsgd_fx/data/cifar.py",
+           'known.get("sha256") == ident["sha256"]', "True",
+           ("tests/test_data.py::test_cifar_cache_follows_the_archive_it_came_from",)),
+    Mutant("out-foreign-files", "a new run writes into a folder holding other files", "localsgd_fx/run_folder.py",
+           "    if present:\n", "    if False:\n",
+           ("tests/test_hardening.py::test_item1_a_new_run_never_overwrites_files_it_did_not_write",)),
 ]
 
 

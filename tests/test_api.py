@@ -134,7 +134,9 @@ def test_set_transition_rules():
     assert lm.transition == 2
     lm.set_transition(1, force=True)
     assert lm.transition == 1
-    lm.set_transition(3)                      # every layer local (asked explicitly) is allowed
+    with pytest.raises(LocalSGDError, match="past max_local=2"):   # every layer local: nothing to back-propagate
+        lm.set_transition(3)
+    lm.set_transition(3, force=True)          # every layer local (asked explicitly) is allowed
     for bad in (-1, 4, 1.5, "1", True, None):
         with pytest.raises(LocalSGDError, match="out of range"):
             lm.set_transition(bad)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from localsgd_fx.data import fashion_mnist
+from localsgd_fx.data import cifar, fashion_mnist
 from localsgd_fx.data import Batches, DatasetError, ImageDataset, list_datasets, load_dataset
 
 REAL_FMNIST_DIR = fashion_mnist.FASHION_MNIST_SYSTEM_DIR  # captured before the fixture hides it
@@ -380,7 +380,8 @@ def test_cifar_from_archive(tmp_path, monkeypatch, name):
         tar.add(folder, arcname=folder.name)
     check_cifar(load_dataset(name, "train", dl), name, expected["train"])
     extracted = tmp_path / "cache" / "localsgd_fx" / folder.name
-    assert sorted(p.name for p in extracted.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in extracted.iterdir() if p.name != cifar.SOURCE_NAME) == sorted(   # + the archive's
+        p.name for p in folder.iterdir())                                                         # identity
     assert [p.name for p in (tmp_path / "cache" / "localsgd_fx").iterdir()] == [folder.name]
     # the archive path itself works too, and the cache is found without root afterwards
     check_cifar(load_dataset(name, "test", dl / archive_name), name, expected["test"])
@@ -610,3 +611,35 @@ def test_batches_iter_is_epoch0_and_device():
         assert xa.device.type == "cpu"
     with pytest.raises(ValueError):
         Batches(ds, 0)
+
+
+def test_cifar_cache_follows_the_archive_it_came_from(tmp_path):
+    """Issue 22: a run with archive B after one with archive A used A's extracted cache."""
+    archives = {}
+    for key, seed in (("a", 0), ("b", 1)):
+        folder, expected = write_cifar(tmp_path / f"src-{key}", "cifar10", seed=seed)
+        (tmp_path / key).mkdir()
+        with tarfile.open(tmp_path / key / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+        archives[key] = (tmp_path / key / "cifar-10-python.tar.gz", expected)
+    for key in ("a", "b", "a"):
+        archive, expected = archives[key]
+        check_cifar(load_dataset("cifar10", "train", archive), "cifar10", expected["train"])
+    # the same archive at another path: the cache is used again, not extracted anew
+    extracted = tmp_path / "cache" / "localsgd_fx" / "cifar-10-batches-py"
+    before = extracted.stat().st_ino
+    copy = tmp_path / "copy" / "cifar-10-python.tar.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(archives["a"][0].read_bytes())
+    check_cifar(load_dataset("cifar10", "test", copy), "cifar10", archives["a"][1]["test"])
+    assert extracted.stat().st_ino == before
+
+
+def test_a_file_as_data_folder_is_named_as_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="it is a file, not a folder"):
+        load_dataset("fashion-mnist", "train", tmp_path / "notes.txt")
+    with pytest.raises(DatasetError, match=r"is a file, not a folder nor a \.tar\.gz archive"):
+        load_dataset("cifar10", "train", tmp_path / "notes.txt")
+    with pytest.raises(DatasetError, match="with --data-dir"):
+        load_dataset("cifar10", "train", tmp_path)

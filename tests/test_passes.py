@@ -66,7 +66,7 @@ def check_local_step(model: nn.Module, x: torch.Tensor, t: int, rule: str = "heb
     lm = compile_localsgd(model, rule=rule, schedule="manual", local_lr=lr, weak_supervision="off", sample_fraction=1.0)
     n_layers = len(lm.layer_order)
     t = min(t, n_layers)
-    lm.set_transition(t)
+    lm.set_transition(t, force=True)   # t = n_layers (all local, past max_local) is asked explicitly
     local = lm.layer_order.names[:t]
     before = clone_state(model)
 
@@ -256,7 +256,7 @@ def test_deepcopy_of_local_module_runs_identically(spec, data):
     model, x = build(spec)
     lm = compile_localsgd(model, rule="hebbian", schedule="manual", local_lr=0.05, weak_supervision="off",
                           sample_fraction=1.0)
-    lm.set_transition(data.draw(st.integers(1, len(lm.layer_order)), label="t"))
+    lm.set_transition(data.draw(st.integers(1, len(lm.layer_order)), label="t"), force=True)   # all local too
     lm.graph_module  # populate the caches before copying
     twin = copy.deepcopy(lm)
     before = clone_state(model)

@@ -5,6 +5,8 @@ unpickler that only rebuilds numpy arrays, so a crafted file cannot run code.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from .dataset import DATA_ENV, DatasetError, ImageDataset, cache_dir
 
 __all__ = ["load_cifar", "CIFAR_URL"]
@@ -111,6 +114,9 @@ def _locate_cifar(spec: _CifarSpec, split: str, root: str | os.PathLike[str] | N
     for base in bases:
         if base.is_file() and base.name.endswith((".tar.gz", ".tgz")):
             return _extract_cifar(spec, base, needed)
+        if root is not None and base.exists() and not base.is_dir():
+            raise DatasetError(f"the data folder {base} (--data-dir) is a file, not a folder nor a .tar.gz archive: "
+                               f"pass the folder holding {spec.folder}/ or {spec.archive}, or the archive itself")
         for d in (base, base / spec.folder):
             present = [f for f in (*needed, spec.meta_file) if (d / f).is_file()]
             if present:
@@ -129,14 +135,44 @@ def _locate_cifar(spec: _CifarSpec, split: str, root: str | os.PathLike[str] | N
     raise DatasetError(
         f"{spec.folder}/ with {', '.join((*needed, spec.meta_file))} (or the archive "
         f"{spec.archive}) not found in any of:\n  {where}\nDownload {spec.archive} (python "
-        f"version) from {CIFAR_URL} and pass its folder as root (or set ${DATA_ENV})."
+        f"version) from {CIFAR_URL} and pass its folder, or the archive, with --data-dir (root= in Python), or set "
+        f"${DATA_ENV}."
     )
 
 
+#: In an extracted folder of the cache: which archive it came from (``{"size", "mtime_ns", "sha256"}``).
+SOURCE_NAME = ".source.json"
+
+
+def _archive_identity(archive: Path, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Size, modification time and SHA-256 of ``archive``; the hash is reused from ``known`` when size and
+    time match it (hashing the 170 MB archive on every run would cost a second)."""
+    st = archive.stat()
+    ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if known and all(known.get(k) == v for k, v in ident.items()) and known.get("path") == str(archive.resolve()):
+        return {**ident, "path": known["path"], "sha256": known.get("sha256")}
+    digest = hashlib.sha256()
+    with open(archive, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {**ident, "path": str(archive.resolve()), "sha256": digest.hexdigest()}
+
+
 def _extract_cifar(spec: _CifarSpec, archive: Path, needed: Sequence[str]) -> Path:
-    """Extract ``archive`` into the user cache atomically; return the extracted folder."""
+    """Extract ``archive`` into the user cache atomically; return the extracted folder.
+
+    The folder records the archive it came from (:data:`SOURCE_NAME`) and is used again only for the
+    same archive contents: a cache extracted from another archive is replaced."""
     dest = cache_dir() / spec.folder
-    if all((dest / f).is_file() for f in needed):
+    try:
+        known = json.loads((dest / SOURCE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = None
+    ident = _archive_identity(archive, known if isinstance(known, dict) else None)
+    if (isinstance(known, dict) and known.get("sha256") == ident["sha256"]
+            and all((dest / f).is_file() for f in needed)):
+        if known != ident:   # the same contents at another path or time: remember the fast check
+            atomic_write_text(dest / SOURCE_NAME, json.dumps(ident))
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", suffix=".part", dir=dest.parent))
@@ -158,7 +194,8 @@ def _extract_cifar(spec: _CifarSpec, archive: Path, needed: Sequence[str]) -> Pa
                 f"{archive} does not contain {', '.join(spec.folder + '/' + f for f in missing)}. "
                 f"Download {spec.archive} (python version) again from {CIFAR_URL}."
             )
-        if dest.exists():  # an older partial folder: replace it
+        atomic_write_text(tmp / spec.folder / SOURCE_NAME, json.dumps(ident))
+        if dest.exists():  # an older partial folder, or one from another archive: replace it
             shutil.rmtree(dest)
         os.replace(tmp / spec.folder, dest)
     finally:

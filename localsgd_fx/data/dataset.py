@@ -1,9 +1,12 @@
 """The in-memory dataset container, the data error, and where data lives on disk."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,6 +72,18 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies this data: name, image count and shape, and a SHA-256 of the pixels and labels.
+
+        A resumed run compares it with the checkpoint's, so it continues on the same images whatever
+        their path, and never on other ones at the same path.
+        """
+        digest = hashlib.sha256()
+        digest.update(json.dumps([list(self.images.shape), self.num_classes]).encode())
+        digest.update(self.images.contiguous().numpy())
+        digest.update(self.labels.contiguous().numpy())
+        return {"name": self.name, "images": len(self), "shape": list(self.image_shape), "sha256": digest.hexdigest()}
 
     def subset(self, n: int, seed: int = 0) -> "ImageDataset":
         """Return a deterministic random subset of ``n`` samples (kept in original order).

@@ -100,7 +100,8 @@ def load_fashion_mnist(
         if img is not None and lbl is not None:
             return _fmnist_from_files(img, lbl, downloaded=False)
     if root is not None:   # the user named the folder: use it or say so, never fall back to another copy
-        state = "it exists" if searched[0].is_dir() else "it does not exist"
+        state = ("it exists" if searched[0].is_dir() else "it is a file, not a folder" if searched[0].exists()
+                 else "it does not exist")
         raise DatasetError(
             f"Fashion-MNIST {split} files {img_name} and {lbl_name} are not in the data folder {searched[0]} "
             f"({state}) nor in its fashion-mnist subfolder: fix the path, put the files there (the Debian "
