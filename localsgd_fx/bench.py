@@ -32,12 +32,16 @@ from passes.partition import check_transition
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
 from .capture import TrainStep
+from .runtime import COMPILE_MODES, DEVICES
 from .cli import OneLineParser
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
-from .train import ConfigError
+from .train import AMP_DTYPES, ConfigError
 
 __all__ = ["StepRow", "measure_steps", "default_transitions", "format_rows", "machine_line", "main_step"]
+
+#: the compile modes a benchmark arm can be pinned to (auto decides during a run: not one setting to time)
+FIXED_MODES = tuple(m for m in COMPILE_MODES if m != "auto")
 
 # ---- defaults, in one place
 MODEL, BATCH, IN_CHANNELS, IMAGE_SIZE, REPEATS, WARMUP = "resnet20", 128, 1, 28, 7, 2
@@ -171,8 +175,6 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
 
 def _train_step(model, mode: str, device: str, amp: str) -> TrainStep:
     """The benchmark's step of ``model`` in compile mode ``mode`` (a recorded step on CUDA for ``"capture"``)."""
-    from .train import AMP_DTYPES
-
     recordable = mode == "capture" and device.startswith("cuda")
     # a recorded step reads its learning rate from a device tensor (see localsgd_fx.capture)
     opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(1e-3, device=device) if recordable else 1e-3,
@@ -236,13 +238,13 @@ def main_step(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=WARMUP)
     parser.add_argument("--sample-fraction", type=float, default=DEFAULT_SAMPLE_FRACTION,
                         help="local update from this fraction of the batch (default %(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--compile", default="off", choices=["off", "on", "reduce-overhead", "capture"],
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--compile", default="off", choices=FIXED_MODES,
                         help="every arm, SGD included, in this mode (capture: the whole step recorded as a CUDA graph "
                              "per t); compile/recording seconds per t are reported (default %(default)s)")
-    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (default %(default)s)")
+    parser.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="autocast dtype (default %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last model and input")
-    parser.add_argument("--sgd-modes", nargs="*", choices=["off", "on", "reduce-overhead", "capture"],
+    parser.add_argument("--sgd-modes", nargs="*", choices=FIXED_MODES,
                         help="also time plain SGD in these compile modes, to compare every arm with the fastest plain "
                              "setup (default on CUDA: off capture reduce-overhead; on a CPU: none)")
     parser.add_argument("--json", help="also write the rows to this JSON file")

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 from .atomic import atomic_write_text
 from .cli import OneLineParser
 from .metrics import format_table
-from .runtime import COMPILE_MODES, resolve_device
+from .runtime import COMPILE_MODES, DEVICES, resolve_device
 from .train import AMP_DTYPES, ConfigError, Trainer, TrainConfig, load_data, without_unused
 
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help=f"one run per seed (default: {DEFAULT_SEEDS}; --quick: [0])")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                         help=f"the arms, the first is the reference (default: {list(DEFAULT_ARMS)}; all: {list(ARMS)})")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--compile", default="auto", choices=COMPILE_MODES,
-                        help="every arm in this mode (default %(default)s: compile only where it pays)")
+                        help="every arm in this mode (default %(default)s: on a GPU each t's whole step recorded as a "
+                             "CUDA graph, plain SGD's too; elsewhere compile only where it pays)")
     parser.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="every arm under autocast (default %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="every arm channels-last")
     parser.add_argument("--out", default="runs/tradeoff",

@@ -20,7 +20,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -50,94 +49,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_or_float(text: str) -> int | float:
-    """``"2"`` -> 2 (layers / an epoch), ``"0.1"`` -> 0.1 (a fraction)."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int or a float, got {text!r}") from None
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    import models_zoo
+    """One flag per :class:`~localsgd_fx.train.TrainConfig` setting, from the field's metadata: its default, help,
+    choices (the list their owner keeps), type and group."""
+    from .train import TrainConfig
 
-    from .data import list_datasets
-    from .rules import list_rules
-    from .runtime import COMPILE_MODES
-    from .schedules import SCHEDULE_NAMES
-    from .train import LOCAL_LR_SCHEDULES, TrainConfig
-
-    d = {f.name: f.default for f in fields(TrainConfig)}
-    g = p.add_argument_group("data and model")
-    g.add_argument("--model", default=d["model"], choices=models_zoo.list_models(), metavar="NAME",
-                   help=f"zoo model: {', '.join(models_zoo.list_models())} (default %(default)s)")
-    g.add_argument("--dataset", default=d["dataset"], choices=list_datasets(), help="(default %(default)s)")
-    g.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: the standard places)")
-    g.add_argument("--train-subset", type=int, default=d["train_subset"], metavar="N",
-                   help="train on N images (default %(default)s; 0 = the whole split)")
-    g.add_argument("--test-subset", type=int, default=d["test_subset"], metavar="N",
-                   help="test on N images (default %(default)s; 0 = the whole split)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop + flip (default: on for CIFAR, off for Fashion-MNIST)")
-    g = p.add_argument_group("SGD")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="(default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"],
-                   help="per process; under torchrun the global batch is N x this (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="(default %(default)s)")
-    g.add_argument("--lr-schedule", default=d["lr_schedule"], choices=["cosine", "step"],
-                   help="stepped per iteration: cosine to 0, or x0.1 at 50%% and 75%% of the epochs (default %(default)s)")
-    g.add_argument("--momentum", type=float, default=d["momentum"], help="(default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="(default %(default)s)")
-    g = p.add_argument_group("LoCal")
-    g.add_argument("--rule", default=d["rule"], choices=list_rules(),
-                   help="what the local prefix does: freeze (no update), hebbian (the paper's rule), oja, softhebb "
-                        "(default %(default)s)")
-    g.add_argument("--schedule", default=d["schedule"], choices=SCHEDULE_NAMES,
-                   help="learning-mode selection; sgd = plain SGD (default %(default)s)")
-    g.add_argument("--alpha", type=float, help="dynamic: move when delta < alpha * running average")
-    g.add_argument("--per-lr", action="store_true", default=None,
-                   help="dynamic: divide each epoch's update norm by the epoch's mean learning rate (long runs)")
-    g.add_argument("--shift", type=_int_or_float,
-                   help="dynamic/plasticity/gradnorm: layers per move (int) or fraction of the layers")
-    g.add_argument("--c1", type=_int_or_float, help="static: most layers ever local (int) or fraction of the layers")
-    g.add_argument("--c2", type=_int_or_float, help="static: epoch (int) or fraction of the epochs where local starts")
-    g.add_argument("--threshold", type=float,
-                   help="plasticity: move when the probe output's change < threshold * its running average; "
-                        "gradnorm: move when the gradient norm's relative change < threshold")
-    g.add_argument("--patience", type=int, help="plasticity/gradnorm: checks in a row below the threshold to move")
-    g.add_argument("--decide-every", type=_int_or_float, metavar="K",
-                   help="plasticity/gradnorm: decide every K training steps (int) or fraction of an epoch (float) "
-                        "instead of at epoch ends")
-    g.add_argument("--probe-size", type=int, help="plasticity: images in the fixed probe batch")
-    g.add_argument("--local-lr", type=float, default=d["local_lr"], help="eta0 of the local rule (default %(default)s)")
-    g.add_argument("--local-lr-schedule", default=d["local_lr_schedule"], choices=list(LOCAL_LR_SCHEDULES),
-                   help="'follow': the local rate decays with the SGD learning rate's schedule (default %(default)s)")
-    g.add_argument("--weak-supervision", default=d["weak_supervision"], choices=["sign", "scale", "off"],
-                   help="(default %(default)s)")
-    g.add_argument("--sample-fraction", type=float, default=d["sample_fraction"],
-                   help="local update from this fraction of the batch (default %(default)s)")
-    g.add_argument("--max-local", type=int, default=None, help="most layers ever local (default: all but the classifier)")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d["seed"], help="(default %(default)s)")
-    g.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"], help="(default %(default)s)")
-    g.add_argument("--compile", default=d["compile"], choices=COMPILE_MODES,
-                   help="capture = record each transition's whole training step as a CUDA graph (what auto does on a "
-                        "GPU); on = torch.compile each transition's graph; reduce-overhead = with CUDA graphs; auto on a "
-                        "CPU: eager; off (default %(default)s)")
-    g.add_argument("--amp", default=d["amp"], choices=["off", "bf16", "fp16"],
-                   help="mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32 (default %(default)s)")
-    g.add_argument("--channels-last", action="store_true", help="channels-last model and inputs (faster convs on GPUs)")
-    g.add_argument("--out", help="run directory, new or empty for a new run (default: a new "
-                                 "runs/<model>-<dataset>-<date-time>; --resume needs the folder of the run)")
-    g.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over in --out: deletes the files an earlier run wrote there (other files are kept)")
-    g.add_argument("--stop-after", type=int, metavar="E",
-                   help="stop after epoch E (resumable; schedules still span --epochs)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (for logs)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if meta.get("help") is None:       # not a command-line setting
+            continue
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        kwargs: dict = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if meta["action"] is not None:
+            kwargs["action"] = meta["action"]
+        else:
+            kwargs.update({k: meta[k] for k in ("type", "metavar") if meta[k] is not None})
+            if meta["choices"] is not None:
+                kwargs["choices"] = list(meta["choices"]())
+                if f.name == "model":      # a long list: in the help, not as a metavar
+                    kwargs["help"] += f": {', '.join(kwargs['choices'])}"
+            if f.default is not None:
+                kwargs["help"] = f"{kwargs['help']} (default %(default)s)".lstrip()
+        group.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,26 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .distributed import gather_objects, process_group_from_env, rank
-    from .run_folder import new_run_folder
+    from .distributed import process_group_from_env, rank
     from .train import TrainConfig, fit
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    if values["out"] is None and args.resume:
-        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
     with process_group_from_env(args.device):           # under torchrun: one process per shard
-        made = None
-        if values["out"] is None:                       # rank 0 makes the folder of every process
-            stem = f"runs/{args.model}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-            made = new_run_folder(stem) if rank() == 0 else None
-            values["out"] = str(gather_objects(made)[0])
         for key in ("train_subset", "test_subset"):
             values[key] = values[key] or None            # 0 = the whole split
-        try:
-            result = fit(TrainConfig.from_dict(values))
-        finally:
-            if made is not None and not any(made.iterdir()):   # a refused run leaves no empty folder
-                made.rmdir()
+        result = fit(TrainConfig.from_dict(values))
         if rank() == 0:
             print(result.summary())
     return 0

@@ -18,10 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileAccount",
+__all__ = ["COMPILE_MODES", "DEVICES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileAccount",
            "CompileClock", "AutoCompile", "CompileDecision"]
 
 COMPILE_MODES = ("auto", "off", "on", "reduce-overhead", "capture")
+#: The device names :func:`resolve_device` takes.
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def compile_mode(value: bool | str) -> str:

@@ -31,6 +31,7 @@ Example::
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -58,10 +59,13 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_co
 from .cost import speed_bound
 from .data import Batches, ImageDataset, load_dataset
 from .lock import RunLock
-from .run_folder import disk_full_guard, prepare_run_folder
+from .run_folder import disk_full_guard, new_run_folder, prepare_run_folder
 from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
 from .metrics import SavedActivationMeter, format_table, write_metrics
-from .runtime import COMPILE_MODES, compile_cache_hits, resolve_device
+from .data import list_datasets
+from .rules import list_rules
+from .runtime import COMPILE_MODES, DEVICES, compile_cache_hits, resolve_device
+from .supervision import MODES as WEAK_SUPERVISION_MODES
 from .schedules import SCHEDULE_NAMES, make_schedule
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer",
@@ -95,6 +99,37 @@ CHECKPOINT_KEYS = ("config", "epoch", "model", "optimizer", "lr_scheduler", "rng
 LOCAL_LR_SCHEDULES = ("constant", "follow")
 
 
+#: The learning-rate schedules the trainer steps per iteration (see :meth:`Trainer._lr_factor`).
+LR_SCHEDULES = ("cosine", "step")
+#: ``out``'s default: a new folder ``runs/<model>-<dataset>-<date-time>`` made when the run starts
+NEW_RUN_FOLDER = "runs/{model}-{dataset}-{time}"
+
+_group = ""   # the flag group of the settings declared next (see setting)
+
+
+def setting(default: Any, help: str | None, *, group: str | None = None, choices: Callable[[], Sequence] | None = None,
+            type: Callable | None = None, metavar: str | None = None, action: Any = None, flag: str | None = None):
+    """A :class:`TrainConfig` field and its command-line flag: ``--name-with-dashes`` (or ``flag``), its help
+    (None: no flag), its choices (a callable returning the list its owner keeps) and argparse's type, metavar and
+    action. ``group`` starts a flag group that the settings declared after it join."""
+    global _group
+    _group = group or _group
+    meta = {"help": help, "group": _group, "choices": choices, "type": type, "metavar": metavar, "action": action,
+            "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+def _int_or_float(text: str) -> int | float:
+    """``"2"`` -> 2 (layers / an epoch), ``"0.1"`` -> 0.1 (a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int or a float, got {text!r}") from None
+
+
 class ConfigError(LocalSGDError, ValueError):
     """A configuration value or combination that cannot run; the message names the field and what is valid."""
 
@@ -117,48 +152,70 @@ class TrainConfig:
     """
 
     # data and model
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_subset: int | None = MAIN_TRAIN_SUBSET
-    test_subset: int | None = MAIN_TEST_SUBSET
-    augment: bool | None = None          # None: random crop + flip for CIFAR, none for Fashion-MNIST
+    model: str = setting("resnet20", "zoo model", group="data and model", choices=models_zoo.list_models,
+                         metavar="NAME")
+    dataset: str = setting("fashion-mnist", "", choices=list_datasets)
+    data_dir: str | None = setting(None, "folder holding the dataset files (default: the standard places)")
+    train_subset: int | None = setting(MAIN_TRAIN_SUBSET, "train on N images (0 = the whole split)", type=int,
+                                       metavar="N")
+    test_subset: int | None = setting(MAIN_TEST_SUBSET, "test on N images (0 = the whole split)", type=int, metavar="N")
+    augment: bool | None = setting(None, "random crop + flip (default: on for CIFAR, off for Fashion-MNIST)",
+                                   action=argparse.BooleanOptionalAction)
     # SGD
-    epochs: int = MAIN_EPOCHS
-    batch_size: int = 128                # per process: under torchrun the global batch is N x batch_size
-    lr: float = 0.1
-    lr_schedule: str = "cosine"          # "cosine" | "step", stepped per iteration
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = setting(MAIN_EPOCHS, "", group="SGD", type=int)
+    batch_size: int = setting(128, "per process; under torchrun the global batch is N x this", type=int)
+    lr: float = setting(0.1, "", type=float)
+    lr_schedule: str = setting("cosine", "stepped per iteration: cosine to 0, or x0.1 at 50%% and 75%% of the epochs",
+                               choices=lambda: LR_SCHEDULES)
+    momentum: float = setting(0.9, "", type=float)
+    weight_decay: float = setting(5e-4, "", type=float)
     # LoCal
-    rule: str = DEFAULT_RULE
-    schedule: str = "dynamic"
-    alpha: float | None = None
-    per_lr: bool | None = None           # dynamic: compare update norms per unit of the epoch's mean learning rate
-    shift: int | float | None = None
-    c1: int | float | None = None
-    c2: int | float | None = None
-    threshold: float | None = None
-    patience: int | None = None
-    decide_every: int | float | None = None
-    probe_size: int | None = None
-    local_lr: float = DEFAULT_LOCAL_LR
-    local_lr_schedule: str = "constant"  # "constant" | "follow": η0 times the SGD learning rate's schedule factor
-    weak_supervision: str = "sign"
-    sample_fraction: float = DEFAULT_SAMPLE_FRACTION
-    max_local: int | None = None
+    rule: str = setting(DEFAULT_RULE, "what the local prefix does: freeze (no update), hebbian (the paper's rule), "
+                                      "oja, softhebb", group="LoCal", choices=list_rules)
+    schedule: str = setting("dynamic", "learning-mode selection; sgd = plain SGD", choices=lambda: SCHEDULE_NAMES)
+    alpha: float | None = setting(None, "dynamic: move when delta < alpha * running average", type=float)
+    per_lr: bool | None = setting(None, "dynamic: divide each epoch's update norm by the epoch's mean learning rate "
+                                        "(long runs)", action="store_true")
+    shift: int | float | None = setting(None, "dynamic/plasticity/gradnorm: layers per move (int) or fraction of the "
+                                              "layers", type=_int_or_float)
+    c1: int | float | None = setting(None, "static: most layers ever local (int) or fraction of the layers",
+                                     type=_int_or_float)
+    c2: int | float | None = setting(None, "static: epoch (int) or fraction of the epochs where local starts",
+                                     type=_int_or_float)
+    threshold: float | None = setting(None, "plasticity: move when the probe output's change < threshold * its "
+                                            "running average; gradnorm: move when the gradient norm's relative change "
+                                            "< threshold", type=float)
+    patience: int | None = setting(None, "plasticity/gradnorm: checks in a row below the threshold to move", type=int)
+    decide_every: int | float | None = setting(None, "plasticity/gradnorm: decide every K training steps (int) or "
+                                                     "fraction of an epoch (float) instead of at epoch ends",
+                                               type=_int_or_float, metavar="K")
+    probe_size: int | None = setting(None, "plasticity: images in the fixed probe batch", type=int)
+    local_lr: float = setting(DEFAULT_LOCAL_LR, "eta0 of the local rule", type=float)
+    local_lr_schedule: str = setting("constant", "'follow': the local rate decays with the SGD learning rate's "
+                                                 "schedule", choices=lambda: LOCAL_LR_SCHEDULES)
+    weak_supervision: str = setting("sign", "", choices=lambda: WEAK_SUPERVISION_MODES)
+    sample_fraction: float = setting(DEFAULT_SAMPLE_FRACTION, "local update from this fraction of the batch",
+                                     type=float)
+    max_local: int | None = setting(None, "most layers ever local (default: all but the classifier)", type=int)
     # run control
-    seed: int = 0
-    device: str = "auto"                 # "auto" | "cpu" | "cuda"
-    compile: str = "auto"                # runtime.COMPILE_MODES: "auto" (compile where it pays) | "on" | "off" | "reduce-overhead"
-    amp: str = "off"                     # "off" | "bf16" | "fp16" (autocast; fp16 with a gradient scaler)
-    channels_last: bool = False          # channels-last model and inputs
-    out: str | None = "runs/train"       # None: write nothing (benchmarks)
-    resume: bool = False
-    overwrite: bool = False
-    stop_after: int | None = None        # stop after this many epochs in total (resumable), LR/schedules span `epochs`
-    progress: bool = True
-    eval_batch_size: int = 512
+    seed: int = setting(0, "", group="run", type=int)
+    device: str = setting("auto", "", choices=lambda: DEVICES)
+    compile: str = setting("auto", "capture = record each transition's whole training step as a CUDA graph (what "
+                                   "auto does on a GPU); on = torch.compile each transition's graph; reduce-overhead "
+                                   "= with CUDA graphs; auto on a CPU: eager; off", choices=lambda: COMPILE_MODES)
+    amp: str = setting("off", "mixed precision (autocast; fp16 adds a gradient scaler); weights stay fp32",
+                       choices=lambda: tuple(AMP_DTYPES))
+    channels_last: bool = setting(False, "channels-last model and inputs (faster convs on GPUs)", action="store_true")
+    out: str | None = setting(NEW_RUN_FOLDER, "run directory, new or empty for a new run (by default a new folder "
+                                              "named by the date and time; --resume needs the folder of the run; "
+                                              "None in the API: write nothing)")
+    resume: bool = setting(False, "continue the run checkpointed in --out", action="store_true")
+    overwrite: bool = setting(False, "start over in --out: deletes the files an earlier run wrote there (other files "
+                                     "are kept)", action="store_true")
+    stop_after: int | None = setting(None, "stop after epoch E (resumable; schedules still span --epochs)", type=int,
+                                     metavar="E")
+    progress: bool = setting(True, "no progress bars (for logs)", action="store_false", flag="--no-progress")
+    eval_batch_size: int = setting(512, None)
 
     def validate(self) -> "TrainConfig":
         """Check every field; raises :class:`ConfigError` naming the field, its value and what is valid."""
@@ -176,24 +233,23 @@ class TrainConfig:
         for name in ("train_subset", "test_subset", "stop_after"):
             value = getattr(self, name)
             need(value is None or _pos_int(value), f"{name} must be a positive int or None, got {value!r}")
-        need(self.model in models_zoo.list_models(),
-             f"unknown model {self.model!r}; valid models: {', '.join(models_zoo.list_models())}")
+        for f in fields(self):     # every field with a choice list, checked against its owner's list
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices():
+                raise ConfigError(f"unknown {f.name} {value!r}: {f.name} must be one of "
+                                  f"{', '.join(map(str, choices()))}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.lr_schedule in ("cosine", "step"), f"lr_schedule must be 'cosine' or 'step', got {self.lr_schedule!r}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.local_lr >= 0, f"local_lr must be >= 0, got {self.local_lr}")
         need(0 < self.sample_fraction <= 1, f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
-        need(self.local_lr_schedule in LOCAL_LR_SCHEDULES,
-             f"local_lr_schedule must be one of {', '.join(LOCAL_LR_SCHEDULES)}, got {self.local_lr_schedule!r}")
         need(self.out is None or (isinstance(self.out, str) and self.out.strip() != ""),
              f"--out must name a folder, got {self.out!r}; leave --out out to write into a new folder under runs/")
         need(not (self.resume and self.overwrite),
              "resume and overwrite exclude each other: --resume continues the run in --out, --overwrite starts it over")
-        need(self.schedule in SCHEDULE_NAMES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULE_NAMES)}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
-        need(self.amp in AMP_DTYPES, f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        need(not (self.resume and self.out == NEW_RUN_FOLDER),
+             "--resume needs --out DIR: the folder of the run to continue")
         need(self.max_local is None or (isinstance(self.max_local, int) and not isinstance(self.max_local, bool)
                                         and self.max_local >= 0),
              f"max_local must be an int >= 0 (layers), got {self.max_local!r}")
@@ -671,10 +727,26 @@ class Trainer:
         The run folder is locked meanwhile (:class:`~localsgd_fx.lock.RunLock`): a second run into it
         is refused with :class:`~localsgd_fx.lock.RunFolderBusy`.
         """
-        if self.out_dir is None or self.rank != 0:   # under torchrun, rank 0 holds the lock for all processes
-            return self._fit()
-        with RunLock(self.out_dir, log=self.log):
-            return self._fit()
+        made = self._new_run_folder() if self.config.out == NEW_RUN_FOLDER else None
+        try:
+            if self.out_dir is None or self.rank != 0:   # under torchrun, rank 0 holds the lock for all processes
+                return self._fit()
+            with RunLock(self.out_dir, log=self.log):
+                return self._fit()
+        finally:
+            if made is not None and not any(made.iterdir()):   # a refused run leaves no empty folder
+                made.rmdir()
+
+    def _new_run_folder(self) -> Path | None:
+        """Make ``runs/<model>-<dataset>-<date-time>`` (unique: ``-2``... when taken; rank 0 makes it for every
+        process) and run in it; returns it on the rank that made it."""
+        cfg = self.config
+        stem = NEW_RUN_FOLDER.format(model=cfg.model, dataset=cfg.dataset, time=time.strftime("%Y%m%d-%H%M%S"))
+        made = new_run_folder(stem) if self.rank == 0 else None
+        folder = gather_objects(made)[0]
+        self.config = replace(cfg, out=str(folder))      # config.json records the folder itself
+        self.out_dir = Path(folder)
+        return made
 
     def _fit(self) -> TrainResult:
         cfg = self.config
