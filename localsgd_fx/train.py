@@ -380,6 +380,11 @@ class TrainResult:
             rows.append(("compiling", f"{compile_s:.1f} s of the train time, {self.model.compile_count} graphs, "
                                       f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} loaded from torch's cache "
                                       f"(compile={cfg.compile})"))
+        account = self.model.graphs.account
+        if account.captures:
+            rows.append(("recorded steps (CUDA graphs)",
+                         f"{account.captures} transitions, {sum(r.get('capture_s') or 0.0 for r in self.metrics):.2f} s "
+                         "of warm-up steps and recording in the train time"))
         head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
                 f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")
         text = head + "\n" + format_table(rows, ("result", "value"))
@@ -775,6 +780,8 @@ class Trainer:
                        "epochs": self.epoch, "final_transition": self.model.transition,
                        "local_flop_epochs": result.local_flop_epochs,
                        "compile_s": sum(r["compile_s"] for r in self.metrics),
+                       "capture_s": sum(r.get("capture_s") or 0.0 for r in self.metrics),
+                       "captures": self.model.graphs.account.captures,
                        "compile_decisions": [d.as_dict() for d in self.model.compile_decisions],
                        "last_epoch": self.metrics[-1] if self.metrics else None}
             with disk_full_guard(self.out_dir, saved):
