@@ -102,6 +102,33 @@ def local_update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, rul
     keep = sample_count(x.shape[0], sample_fraction)
     if not local_rule.updates or keep == 0:     # freeze, or an empty batch: nothing to learn from
         return layer_forward(x, weight, bias, stride, padding, dilation, groups, output_padding)
+    hooks = [] if torch.compiler.is_compiling() else _pop_saved_tensor_hooks()
+    try:
+        return _update(x, weight, bias, lr, local_rule, stride, padding, dilation, groups, keep, nonfinite,
+                       layer_index, output_padding)
+    finally:
+        for pack, unpack in reversed(hooks):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def _pop_saved_tensor_hooks() -> list:
+    """Take the active saved-tensor hooks off their stack (``torch.func.vjp`` refuses to run under any).
+
+    What ``vjp`` saves is the local layer's own input for its pullback, freed when the op returns and
+    never part of the step's backward, so hooks that meter or offload saved activations have nothing to
+    see there. (Compiled graphs trace ``vjp`` away, so this only runs eagerly.)
+    """
+    hooks = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        hooks.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    return hooks
+
+
+def _update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, local_rule, stride: list[int],
+            padding: list[int], dilation: list[int], groups: int, keep: int, nonfinite: Tensor | None,
+            layer_index: int, output_padding: list[int] | None) -> Tensor:
+    """The body of :func:`local_update` for a rule that updates, on ``keep > 0`` sample rows."""
     transposed = output_padding is not None
 
     def forward(inp: Tensor, w: Tensor) -> Tensor:
