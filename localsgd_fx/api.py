@@ -16,7 +16,7 @@ from torch import nn
 
 from passes.errors import LocalSGDError
 from passes.inspection import LAYER_COLUMNS, layer_rows
-from passes.layers import LayerOrder, find_layers
+from passes.layers import LayerOrder, find_layers, weight_of
 from passes.partition import check_transition
 from passes.rewrite import LocalUpdateSpec, rewrite
 from passes.trace import trace
@@ -340,7 +340,7 @@ class LocalSGDModule(nn.Module):
         return [list(self._weight(i).shape) for i in range(len(self._order))]
 
     def _weight(self, index: int) -> torch.Tensor:
-        return self._traced.get_submodule(self._order.layers[index].name).weight
+        return weight_of(self._traced, self._order.layers[index])
 
     def _snapshot_sgd_weights(self) -> None:
         self._epoch_start.clear()
@@ -483,9 +483,11 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     traced = trace(model, leaf_modules=leaf_modules)
     order = find_layers(traced, example_inputs)
     n = len(order)
-    max_local = n - 1 if max_local is None else max_local
-    if not isinstance(max_local, int) or not 0 <= max_local <= n:
-        raise ValueError(f"max_local must be an int in 0..{n} (this model has {n} layers), got {max_local!r}")
+    max_local = min(n - 1, order.local_limit) if max_local is None else max_local   # limit: see passes/layers.py
+    if not isinstance(max_local, int) or not 0 <= max_local <= order.local_limit:
+        raise ValueError(f"max_local must be an int in 0..{order.local_limit} (this model has {n} layers"
+                         f"{'' if order.local_limit == n else ', and layers after an opaque call stay SGD'}), "
+                         f"got {max_local!r}")
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
                             check_finite=check_finite, total_epochs=total_epochs)
