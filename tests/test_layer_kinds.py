@@ -207,3 +207,59 @@ def test_conv_transpose_module_equivalence_and_local_update(fraction):
     expected = ref_new_weight("oja", old_f, geom, geom.flat(y), 0.1)
     assert not torch.equal(model.up.weight.detach(), w_old)
     assert_close(filter_major(model.up.weight.detach(), 2), expected)
+
+
+# --------------------------------------------------------------------- precision and compiling
+def test_fp16_update_is_scaled_inside_the_gemm():
+    """A plain fp16 sum over N·H·W positions overflows; the op scales both operands and stays finite and close."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4, 32, 32) * 4 + 2).half()
+    w = (torch.randn(4, 4, 3, 3) * 0.3).half()
+    w64 = w.double()
+    unscaled = torch.nn.grad.conv2d_weight(x, w.shape, F.conv2d(x, w, None, 1, 1), 1, 1)
+    assert not torch.isfinite(unscaled).all()                         # the overflow the scaling is for
+    guard = torch.zeros(1, dtype=torch.int32)
+    LOCAL_UPDATE(x, w, None, torch.tensor(1e-2), "hebbian", [1, 1], [1, 1], [1, 1], 1, 1.0, guard, 0)
+    assert guard.tolist() == [0] and w.dtype == torch.float16
+    xd = x.double()
+    geom = RefGeometry(xd, w64.shape, stride=(1, 1), pads=[(1, 1), (1, 1)], dilation=(1, 1))
+    expected = ref_new_weight("hebbian", w64, geom, geom.flat(F.conv2d(xd, w64, None, 1, 1)), 1e-2)
+    assert_close(w.double(), expected, rtol=0, atol=3e-3)
+    assert not torch.equal(w.double(), w64)
+
+
+class KindsNet(nn.Module):
+    """A functional conv of a parameter, a grouped transposed conv and a linear head: every new kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_w = nn.Parameter(torch.randn(4, 1, 3, 3) * 0.3)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(F.conv2d(x, self.stem_w, stride=2, padding=1))
+        return self.head(F.relu(self.bn(self.up(h))).mean((2, 3)))
+
+
+def test_compiled_step_with_new_kinds_matches_eager():
+    torch.manual_seed(0)
+    net = KindsNet()
+    twin = copy.deepcopy(net)
+    kwargs = dict(rule="softhebb", schedule="manual", local_lr=0.1, weak_supervision="off", sample_fraction=0.5)
+    compiled = compile_localsgd(net, compile=True, **kwargs)
+    eager = compile_localsgd(twin, compile=False, **kwargs)
+    y = torch.randint(0, 3, (6,))
+    for lm in (compiled, eager):
+        lm.set_transition(2)
+    for _ in range(2):
+        x = torch.randn(6, 1, 8, 8)
+        outs = [lm(x) for lm in (compiled, eager)]
+        assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        for out in outs:
+            F.cross_entropy(out, y).backward()
+    assert compiled.compile_events["DYNAMO"] == 1                     # one graph: no break in the fused op
+    for name in ("stem_w", "up.weight", "head.weight"):
+        assert_close(net.get_parameter(name).detach(), twin.get_parameter(name).detach(), rtol=1e-5, atol=1e-6)
+    assert net.stem_w.grad is None and net.head.weight.grad is not None
