@@ -5,7 +5,8 @@ parameter: ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d`` and ``nn.Linear`` m
 functional ``conv*d`` / ``conv_transpose*d`` / ``linear`` calls whose weight is a parameter (a
 ``get_attr`` of an ``nn.Parameter``; such a layer is named by the parameter, e.g. ``stem_w``). A
 functional call whose weight is computed (weight standardisation, ``w * scale``) is not a layer: it
-is *opaque*, warned about once, stays on SGD, and no layer after it may become local. They are ordered by their depth in the data-flow DAG (the largest number of layers on any
+is *opaque*, warned about once, stays on SGD, and no layer after it may become local; so is a
+subclass of those modules with its own ``forward``. They are ordered by their depth in the data-flow DAG (the largest number of layers on any
 path from an input), ties broken by graph order: a ResNet shortcut conv sits beside the first conv
 of its block, not after the block as module-tree or graph order would put it. Every path into a
 layer passes only through layers of smaller depth, so any prefix of this order is ancestor-closed.
@@ -321,8 +322,9 @@ def find_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Laye
     for node in nodes:
         call = layer_call(gm, node)
         if call is None:
-            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
-                opaque.append(node)
+            if (node.op == "call_function" and node.target in FUNCTIONAL_LAYERS) or (
+                    node.op == "call_module" and isinstance(gm.get_submodule(node.target), tuple(LAYER_TYPES))):
+                opaque.append(node)   # looks like a layer, computes something else: never silently frozen
             continue
         calls[node] = call
         sites.setdefault(call.weight, []).append(node)
@@ -333,9 +335,11 @@ def find_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Laye
     for node in opaque:
         if node.name not in warned:
             warned.add(node.name)
-            warnings.warn(f"{node.name} = {node.target.__name__}(...): its weight is not a parameter (or its arguments "
-                          "are not constants), so it is not a LoCal+SGD layer: it stays on SGD, and no layer after it "
-                          "can become local", UserWarning, stacklevel=2)
+            what = (f"{node.target.__name__}(...)" if node.op == "call_function"
+                    else f"self.{node.target}(...) ({type(gm.get_submodule(node.target)).__name__})")
+            warnings.warn(f"{node.name} = {what}: its weight is not a parameter, its arguments are not constants or "
+                          "its module has its own forward, so it is not a LoCal+SGD layer: it stays on SGD, and no "
+                          "layer after it can become local", UserWarning, stacklevel=2)
     if not sites:
         raise LocalSGDError(
             f"{type(gm).__name__} has no nn.Conv1d/2d/3d or nn.Linear call (nor nn.ConvTranspose*d, nor a "

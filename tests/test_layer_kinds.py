@@ -263,3 +263,22 @@ def test_compiled_step_with_new_kinds_matches_eager():
     for name in ("stem_w", "up.weight", "head.weight"):
         assert_close(net.get_parameter(name).detach(), twin.get_parameter(name).detach(), rtol=1e-5, atol=1e-6)
     assert net.stem_w.grad is None and net.head.weight.grad is not None
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation: not the plain GEMM of its weight."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_layer_subclass_with_its_own_forward_after_a_local_layer_is_never_frozen():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), StandardisedConv(3, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    with pytest.warns(UserWarning, match="conv2d.*stays on SGD"):    # traced through: a conv of a computed weight
+        lm = compile_localsgd(model, schedule="manual", compile="off")
+    assert lm.layer_order.names == ["0", "4"] and lm.max_local == 1
+    lm.set_transition(1)
+    lm(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert model[0].weight.grad is None and model[2].weight.grad is not None   # SGD, outside the prefix
+    assert "conv2d" not in lm.graph_module.meta["localsgd_partition"].prefix
