@@ -282,3 +282,27 @@ def test_layer_subclass_with_its_own_forward_after_a_local_layer_is_never_frozen
     lm(torch.randn(2, 1, 8, 8)).sum().backward()
     assert model[0].weight.grad is None and model[2].weight.grad is not None   # SGD, outside the prefix
     assert "conv2d" not in lm.graph_module.meta["localsgd_partition"].prefix
+
+
+class SizedUp(nn.Module):
+    """A transposed conv called with ``output_size``: not the plain call the fused node emits."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.up(F.relu(self.down(x)), output_size=[8, 8]).mean((2, 3)))
+
+
+def test_layer_module_called_with_extra_arguments_behind_a_local_layer_stays_sgd():
+    model = SizedUp()
+    with pytest.warns(UserWarning, match=r"self\.up\(\.\.\.\) \(ConvTranspose2d\).*stays on SGD"):
+        lm = compile_localsgd(model, schedule="manual", compile="off")
+    assert lm.layer_order.names == ["down", "head"] and lm.max_local == 1
+    lm.set_transition(1)
+    assert "up" not in lm.graph_module.meta["localsgd_partition"].prefix
+    lm(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert model.down.weight.grad is None and model.up.weight.grad is not None
