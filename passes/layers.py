@@ -6,7 +6,8 @@ functional ``conv*d`` / ``conv_transpose*d`` / ``linear`` calls whose weight is 
 ``get_attr`` of an ``nn.Parameter``; such a layer is named by the parameter, e.g. ``stem_w``). A
 functional call whose weight is computed (weight standardisation, ``w * scale``) is not a layer: it
 is *opaque*, warned about once, stays on SGD, and no layer after it may become local; so is a
-subclass of those modules with its own ``forward``. They are ordered by their depth in the data-flow DAG (the largest number of layers on any
+subclass of those modules with its own ``forward``.
+They are ordered by their depth in the data-flow DAG (the largest number of layers on any
 path from an input), ties broken by graph order: a ResNet shortcut conv sits beside the first conv
 of its block, not after the block as module-tree or graph order would put it. Every path into a
 layer passes only through layers of smaller depth, so any prefix of this order is ancestor-closed.
@@ -344,7 +345,8 @@ def find_layers(gm: fx.GraphModule, example_inputs: tuple | None = None) -> Laye
         raise LocalSGDError(
             f"{type(gm).__name__} has no nn.Conv1d/2d/3d or nn.Linear call (nor nn.ConvTranspose*d, nor a "
             "torch.nn.functional conv*d / linear of a weight parameter) in its traced graph, so there is nothing for "
-            "LoCal+SGD to make local. Layers kept inside leaf_modules are not visible; use nn.Conv*d / nn.Linear modules."
+            "LoCal+SGD to make local. Layers kept inside leaf_modules are not visible; use nn.Conv*d / nn.Linear "
+            "modules."
         )
 
     # depth[n] = most layer calls on any path from an input to n (n itself excluded)

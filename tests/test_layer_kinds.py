@@ -61,7 +61,8 @@ def test_transposed_conv_rules_match_reference(case, rule, lr, fraction):
     assert_close(y, y_ref)
     keep = -int(-fraction * x.shape[0] // 1)
     geom = RefTransposedGeometry(x[:keep], w_old.shape, stride=case["stride"], padding=case["padding"],
-                                 dilation=case["dilation"], output_padding=case["output_padding"], groups=case["groups"])
+                                 dilation=case["dilation"], output_padding=case["output_padding"],
+                                 groups=case["groups"])
     old_f = filter_major(w_old, case["groups"])
     assert_close(geom.forward(old_f, b), geom.flat(y_ref[:keep]))       # the reference's columns are the layer's
     expected = ref_new_weight(name, old_f, geom, geom.flat(y_ref[:keep]), lr)
@@ -269,12 +270,14 @@ class StandardisedConv(nn.Conv2d):
     """Weight standardisation: not the plain GEMM of its weight."""
 
     def forward(self, x):
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        w = (self.weight - mean) / (std + 1e-5)
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
 def test_layer_subclass_with_its_own_forward_after_a_local_layer_is_never_frozen():
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), StandardisedConv(3, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), StandardisedConv(3, 3, 3), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 2))
     with pytest.warns(UserWarning, match="conv2d.*stays on SGD"):    # traced through: a conv of a computed weight
         lm = compile_localsgd(model, schedule="manual", compile="off")
     assert lm.layer_order.names == ["0", "4"] and lm.max_local == 1
