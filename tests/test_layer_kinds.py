@@ -37,7 +37,9 @@ def transposed_cases(draw):
     dilation = tuple(draw(st.sampled_from([1, 2])) for _ in range(dims))
     padding = tuple(draw(st.integers(0, 1)) for _ in range(dims))
     output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
-    size = tuple(draw(st.integers(2, 5)) for _ in range(dims))
+    # at least one output position: (size - 1)·s - 2·pad + d·(k - 1) + output_padding + 1 >= 1
+    size = tuple(max(draw(st.integers(2, 5)), 1 - (-(2 * p - d * (k - 1) - o) // s))
+                 for k, s, d, p, o in zip(kernel, stride, dilation, padding, output_padding))
     return dict(dims=dims, groups=groups, c_in=c_in, c_out=c_out, kernel=kernel, stride=stride, dilation=dilation,
                 padding=padding, output_padding=output_padding, size=size, batch=draw(st.integers(1, 3)),
                 bias=draw(st.booleans()))
