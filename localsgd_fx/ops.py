@@ -24,7 +24,8 @@ the functionals below cover, so no rule has per-kind code. GEMM count per local 
   rows and a plain forward over the rest, then concatenated: still one forward GEMM's worth of work
   (in two calls) plus one update GEMM on ``k`` rows; the price is one copy of the output (the ``cat``).
   The alternative, a full forward plus ``vjp`` of a second forward on ``k`` rows, costs ``f`` forward
-  GEMMs more; measured slower on the CPU (docs/DESIGN.md §2.3).
+  GEMMs more; measured slower on the CPU. The split still costs an eager CPU step at f = 0.25 ~20 %
+  against the former direct weight-gradient call (docs/RESULTS.md, "The local update through torch.func").
 - fp16: the update GEMM sums ``N·H·W`` products into fp16 (max 65504), so both operands are scaled by
   ``~count**-0.5`` (a power of two): the pullback runs from its own forward over ``x[:k]·s`` and the
   layer output comes from a plain forward, ``f`` forward GEMMs more (only in fp16).
