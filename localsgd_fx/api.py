@@ -17,7 +17,7 @@ from torch import nn
 
 from passes.errors import LocalSGDError
 from passes.inspection import LAYER_COLUMNS, layer_rows
-from passes.layers import LayerOrder, find_layers
+from passes.layers import LayerOrder, find_layers, weight_of
 from passes.rewrite import LocalUpdateSpec
 from passes.trace import OPAQUE_META, mode_watch, modes_changed, retrace, trace
 
@@ -357,7 +357,7 @@ class LocalSGDModule(nn.Module):
         return [list(self._weight(i).shape) for i in range(len(self.graphs.order))]
 
     def _weight(self, index: int) -> torch.Tensor:
-        return self.graphs.traced.get_submodule(self.graphs.order.layers[index].name).weight
+        return weight_of(self.graphs.traced, self.graphs.order.layers[index])
 
     def _snapshot_sgd_weights(self) -> None:
         if self.update_norms is not None:
@@ -455,9 +455,12 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, 
     traced = trace(model, leaf_modules=leaf_modules, strict=strict)
     order = find_layers(traced, example_inputs)
     n = len(order)
-    max_local = n - 1 if max_local is None else max_local
-    if not isinstance(max_local, int) or not 0 <= max_local < n:   # all n local: nothing left to back-propagate
-        raise ValueError(f"max_local must be an int in 0..{n - 1} (this model has {n} layers), got {max_local!r}")
+    limit = min(n - 1, order.local_limit)     # all n local: nothing left to back-propagate; limit: passes/layers.py
+    max_local = limit if max_local is None else max_local
+    if not isinstance(max_local, int) or not 0 <= max_local <= limit:
+        raise ValueError(f"max_local must be an int in 0..{limit} (this model has {n} layers"
+                         f"{'' if order.local_limit >= n - 1 else ', and layers after an opaque call stay SGD'}), "
+                         f"got {max_local!r}")
     module = LocalSGDModule(model, traced, order, rule=local_rule, schedule=sched, supervision=supervision,
                             compile=compile, max_local=max_local, sample_fraction=float(sample_fraction),
                             check_finite=check_finite, total_epochs=total_epochs, inplace=inplace)

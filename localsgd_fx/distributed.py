@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from passes.layers import weight_of
 from passes.partition import trained_parameters
 from passes.rewrite import PARTITION_META
 
@@ -132,7 +133,7 @@ def local_weights(lm: LocalSGDModule, t: int | None = None) -> list[nn.Parameter
         return []
     t = lm.transition if t is None else t
     traced = lm.graph_for(0)
-    return [traced.get_submodule(layer.name).weight for layer in lm.layer_order.layers[:t]]
+    return [weight_of(traced, layer) for layer in lm.layer_order.layers[:t]]
 
 
 def communication_per_step(lm: LocalSGDModule, t: int | None = None) -> dict[str, int]:

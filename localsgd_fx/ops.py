@@ -14,28 +14,58 @@ Nothing in it reads a tensor on the host, so a step never waits for the device:
   ``torch.where`` and counted in a per-layer counter tensor, which :class:`~localsgd_fx.api.LocalSGDModule`
   reads once per epoch (``end_epoch``) or when asked (``check_updates``).
 
-Under autocast the forward runs in the autocast dtype; the update GEMM runs in the dtype of the
-layer output, and the new weight is written in the weight's own dtype (fp32 master weights).
+The update is the vector-Jacobian product of ``W ↦ layer(x, W)`` (``torch.func.vjp``, which works
+under the prefix's ``no_grad``) pulled back at the rule's cotangent: one mechanism for every layer kind
+the functionals below cover, so no rule has per-kind code. GEMM count per local layer and step:
+
+- ``sample_fraction == 1``: the layer output *is* the ``vjp`` call's output: one forward GEMM, one
+  update GEMM (the pullback).
+- ``sample_fraction < 1`` (``k = ceil(f·N)`` rows): the forward is split, ``vjp`` over the first ``k``
+  rows and a plain forward over the rest, then concatenated: still one forward GEMM's worth of work
+  (in two calls) plus one update GEMM on ``k`` rows; the price is one copy of the output (the ``cat``).
+  The alternative, a full forward plus ``vjp`` of a second forward on ``k`` rows, costs ``f`` forward
+  GEMMs more; measured slower on the CPU. The split still costs an eager CPU step at f = 0.25 ~20 %
+  against the former direct weight-gradient call (docs/RESULTS.md, "The local update through torch.func").
+- fp16: the update GEMM sums ``N·H·W`` products into fp16 (max 65504), so both operands are scaled by
+  ``~count**-0.5`` (a power of two): the pullback runs from its own forward over ``x[:k]·s`` and the
+  layer output comes from a plain forward, ``f`` forward GEMMs more (only in fp16).
+
+Under autocast the forward and the pullback run in the autocast dtype; the new weight is written in the
+weight's own dtype (fp32 master weights).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.node import has_side_effect
 
-from .rules import Geometry, get_rule
+from .rules import Pullback, get_rule
 
 __all__ = ["local_update", "layer_forward", "sample_count", "LOCAL_UPDATE"]
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+_CONV_T = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
 
 def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int) -> Tensor:
+                  dilation: list[int], groups: int, output_padding: list[int] | None = None) -> Tensor:
+    """The layer call: linear (2-d weight), conv, or transposed conv (``output_padding`` given)."""
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
+    if output_padding is not None:
+        return _CONV_T[weight.dim()](x, weight, bias, stride, padding, output_padding, groups, dilation)
     return _CONV[weight.dim()](x, weight, bias, stride, padding, dilation, groups)
+
+
+def _filter_major(weight: Tensor, groups: int, transposed: bool) -> Tensor:
+    """``weight`` with output channels first. A transposed conv stores ``(C_in, C_out/g, *k)``: permute it
+    to ``(C_out, C_in/g, *k)``; the same permutation maps it back. Others are already filter-major."""
+    if not transposed:
+        return weight
+    return weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
 
 
 def sample_count(batch: int, sample_fraction: float) -> int:
@@ -43,10 +73,15 @@ def sample_count(batch: int, sample_fraction: float) -> int:
     return min(batch, max(1, -int(-sample_fraction * batch // 1))) if batch else 0
 
 
+def _fp16_scale(count: int) -> float:
+    """A power of two near ``count**-0.5`` (exact to apply)."""
+    return 2.0 ** -round(0.5 * math.log2(max(count, 1)))
+
+
 @has_side_effect   # it updates the weight: FX's dead-code elimination must keep it even if y is unused
 def local_update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, rule: str, stride: list[int],
                  padding: list[int], dilation: list[int], groups: int, sample_fraction: float,
-                 nonfinite: Tensor | None, layer_index: int) -> Tensor:
+                 nonfinite: Tensor | None, layer_index: int, output_padding: list[int] | None = None) -> Tensor:
     """Forward with the current weight, then ``weight ← rule(weight, X, Y, lr)`` in place.
 
     Args:
@@ -59,27 +94,83 @@ def local_update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, rul
         nonfinite: per-layer int counters, or None for no guard. With a guard, a non-finite new
             weight is not applied (the weight keeps its value) and ``nonfinite[layer_index]`` grows by one.
         layer_index: the layer's position in the topological order (indexes ``nonfinite``).
+        output_padding: a transposed conv's (None: not transposed).
 
     Returns:
         The layer output computed with the weight as it was.
     """
-    y = layer_forward(x, weight, bias, stride, padding, dilation, groups)
     local_rule = get_rule(rule)
     keep = sample_count(x.shape[0], sample_fraction)
     if not local_rule.updates or keep == 0:     # freeze, or an empty batch: nothing to learn from
-        return y
-    xs, ys = (x, y) if keep == x.shape[0] else (x[:keep], y[:keep])
-    geometry = Geometry(xs, weight, stride, padding, dilation, groups)
-    new = local_rule.new_weight(weight, geometry.flat_output(ys), geometry, lr)
+        return layer_forward(x, weight, bias, stride, padding, dilation, groups, output_padding)
+    hooks = [] if torch.compiler.is_compiling() else _pop_saved_tensor_hooks()
+    try:
+        return _update(x, weight, bias, lr, local_rule, stride, padding, dilation, groups, keep, nonfinite,
+                       layer_index, output_padding)
+    finally:
+        for pack, unpack in reversed(hooks):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def _pop_saved_tensor_hooks() -> list:
+    """Take the active saved-tensor hooks off their stack (``torch.func.vjp`` refuses to run under any).
+
+    What ``vjp`` saves is the local layer's own input for its pullback, freed when the op returns and
+    never part of the step's backward, so hooks that meter or offload saved activations have nothing to
+    see there. (Compiled graphs trace ``vjp`` away, so this only runs eagerly.)
+    """
+    hooks = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        hooks.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    return hooks
+
+
+def _update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, local_rule, stride: list[int],
+            padding: list[int], dilation: list[int], groups: int, keep: int, nonfinite: Tensor | None,
+            layer_index: int, output_padding: list[int] | None) -> Tensor:
+    """The body of :func:`local_update` for a rule that updates, on ``keep > 0`` sample rows."""
+    transposed = output_padding is not None
+
+    def forward(inp: Tensor, w: Tensor) -> Tensor:
+        return layer_forward(inp, w, bias, stride, padding, dilation, groups, output_padding)
+
+    xs, scale = (x if keep == x.shape[0] else x[:keep]), 1.0
+    if _runs_in_fp16(x, weight):
+        # both GEMM operands scaled by ~count**-0.5: a separate forward of the sample feeds the pullback
+        y = forward(x, weight)
+        scale = _fp16_scale(y[:keep].numel() // (y.shape[-1] if weight.dim() == 2 else max(y.shape[1], 1)))
+        _, pull = torch.func.vjp(lambda w: forward(xs * scale, w), weight)
+        ys = y[:keep]
+    elif keep == x.shape[0]:
+        y, pull = torch.func.vjp(lambda w: forward(x, w), weight)    # the output and its pullback: one forward
+        ys = y
+    else:
+        # one forward GEMM in two calls: the sample rows through vjp, the rest plainly; the cat is one copy of y
+        ys, pull = torch.func.vjp(lambda w: forward(xs, w), weight)
+        y = torch.cat([ys, forward(x[keep:], weight)])
+    pullback = Pullback(lambda p: _filter_major(pull(p)[0], groups, transposed).to(weight.dtype), ys.shape, ys.dtype,
+                        weight.dim(), scale)
+    old = _filter_major(weight, groups, transposed)
+    new = local_rule.new_weight(old, pullback.flat_output(ys), pullback, lr)
     if new is None:
         return y
-    new = new.to(weight.dtype)
+    new = _filter_major(new.to(weight.dtype), groups, transposed)
     if nonfinite is not None:
         finite = torch.isfinite(new).all()
         new = torch.where(finite, new, weight)
         nonfinite[layer_index] += (~finite).to(nonfinite.dtype)
     weight.copy_(new)
     return y
+
+
+def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:
+    """Whether the layer's GEMMs run in fp16 (its tensors, or fp16 autocast on their device): dtype facts
+    only, never tensor values, so compiling and CUDA graphs see a constant."""
+    if torch.float16 in (x.dtype, weight.dtype):
+        return True
+    device = x.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
 #: The callable the rewritten graph's fused nodes call (``node.target``).

@@ -1,82 +1,90 @@
 """Local learning rules (docs/DESIGN.md §2): each costs at most one update GEMM.
 
-A rule sees the layer input ``X`` (through :class:`Geometry`), the layer output ``Y`` (conv/linear
-result, bias included, before any normalisation) and the weight, and returns the new weight.
-``geometry.correlate(P)`` is the one GEMM: ``<P ⊗ X>``, the post x pre outer product averaged over
-batch and spatial positions; for a conv it is the weight-gradient GEMM with the error replaced by
-``P``. ``W ← W + η·ΔW``; biases are never touched.
+Every rule is the layer's weight-gradient GEMM with the error replaced by an activity: a
+*cotangent* ``P`` computed from the layer output ``Y`` (conv/linear result, bias included, before
+any normalisation), pulled back through the layer by ``torch.func.vjp`` (:mod:`localsgd_fx.ops`), plus
+optional per-filter terms. ``pullback.correlate(P)`` is that one GEMM: ``<P ⊗ X>``, the post x pre
+outer product averaged over the output's rows and positions, whatever the layer kind (linear, conv
+1-3 d, grouped, dilated, strided, transposed, functional): no rule knows which kind it updates.
+``W ← W + η·ΔW``; biases are never touched. Weights are seen *filter-major*: ``weight[o]`` is
+everything that feeds output channel ``o`` (a transposed conv's weight is permuted for the rule).
 
 Add a rule by subclassing :class:`LocalRule` and calling :func:`register_rule`::
 
     @dataclass(frozen=True)
     class SignedHebbian(LocalRule):
         name: ClassVar[str] = "signed_hebbian"
-        def new_weight(self, weight, y, geometry, lr):
-            return weight + lr * geometry.correlate(torch.sign(y))
+        def cotangent(self, y):
+            return torch.sign(y)           # ΔW = <sign(Y) ⊗ X>
     register_rule(SignedHebbian)
     compile_localsgd(model, rule="signed_hebbian")
+
+``filter_decay`` adds ``-<D>_o · W_o`` (Oja, SoftHebb) and ``finish`` post-processes the new weight
+(Hebbian's per-filter norm rescale). A rule that needs more overrides ``new_weight`` itself.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Geometry", "LocalRule", "Hebbian", "Oja", "SoftHebb", "Freeze", "register_rule", "get_rule", "make_rule",
+__all__ = ["Pullback", "LocalRule", "Hebbian", "Oja", "SoftHebb", "Freeze", "register_rule", "get_rule", "make_rule",
            "list_rules"]
 
 
-class Geometry:
-    """The layer's input and shape facts a rule needs; ``correlate`` is the single update GEMM."""
+class Pullback:
+    """The update GEMM of one layer call: its weight's vector-Jacobian product, averaged.
 
-    def __init__(self, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int):
-        self.weight_shape = weight.shape
-        self.is_linear = weight.dim() == 2
-        self._weight = weight
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.x = x.reshape(-1, x.shape[-1]) if self.is_linear else x
+    Built by :func:`localsgd_fx.ops.local_update` from ``torch.func.vjp`` of ``W ↦ layer(x, W)``;
+    ``pull(P)`` returns the weight gradient at cotangent ``P`` (shaped like the layer output) summed
+    over rows and positions, already filter-major and in the weight's dtype.
+    """
 
-    @property
-    def channel_dim(self) -> int:
-        """The output-channel dimension of ``Y`` (after the reshape linear inputs get)."""
-        return 1
+    #: The output-channel dimension of ``Y`` as the rule sees it (linear outputs are ``(rows, out)``).
+    channel_dim: ClassVar[int] = 1
+
+    def __init__(self, pull: Callable[[Tensor], Tensor], y_shape: torch.Size, y_dtype: torch.dtype,
+                 weight_dims: int, scale: float = 1.0):
+        self._pull, self._shape, self._dtype, self._dims = pull, y_shape, y_dtype, weight_dims
+        self._count = y_shape.numel() // y_shape[-1] if weight_dims == 2 else y_shape.numel() // max(y_shape[1], 1)
+        # fp16 tops out at 65504: a sum over N·H·W positions overflows, so the op scales X by `scale`
+        # (≈ count**-0.5) and we scale P by it too; the GEMM then sums terms already divided by ~count
+        self._scale = scale
 
     def flat_output(self, y: Tensor) -> Tensor:
         """``Y`` shaped like the rule sees it: ``(rows, out)`` for linear layers, unchanged for convs."""
-        return y.reshape(-1, y.shape[-1]) if self.is_linear else y
+        return y.reshape(-1, y.shape[-1]) if self._dims == 2 else y
 
     def correlate(self, post: Tensor) -> Tensor:
-        """``<post ⊗ X>``: shape of the weight, averaged over batch and output positions.
+        """``<post ⊗ X>``: filter-major, shape of the weight, averaged over rows and output positions.
 
-        The GEMM runs in ``post``'s dtype (the autocast dtype under autocast: the GEMM the update
+        The GEMM runs in the layer output's dtype (the autocast dtype under autocast: the GEMM the update
         saves would have run in it too); the result is in the weight's dtype.
         """
-        dtype = post.dtype
-        x = self.x.to(dtype)
-        count = post.numel() // post.shape[1]
-        if dtype == torch.float16:
-            # fp16 tops out at 65504: a sum over N·H·W positions overflows, so average inside the GEMM
-            scale = count ** -0.5
-            post, x, count = post * scale, x * scale, 1
-        if self.is_linear:
-            return (post.t().mm(x) / count).to(self._weight.dtype)
-        dims = len(self.stride)
-        grad_w = torch.ops.aten.convolution_backward(
-            post, x, self._weight.to(dtype), None, self.stride, self.padding, self.dilation, False, [0] * dims,
-            self.groups, [False, True, False])[1]
-        return (grad_w / count).to(self._weight.dtype)
+        post = post.reshape(self._shape).to(self._dtype)
+        if self._scale != 1.0:
+            return self._pull(post * self._scale) / (self._count * self._scale * self._scale)
+        return self._pull(post) / self._count
+
+    __call__ = correlate
 
     def channel_mean(self, t: Tensor) -> Tensor:
-        """Per-output-channel mean of ``t`` (shaped like ``Y``), shaped to broadcast against the weight."""
+        """Per-output-channel mean of ``t`` (shaped like the rule's ``Y``), shaped to broadcast against the weight."""
         dims = [d for d in range(t.dim()) if d != self.channel_dim]
-        return t.mean(dim=dims).reshape(-1, *([1] * (len(self.weight_shape) - 1)))
+        return t.mean(dim=dims).reshape(-1, *([1] * (self._dims - 1)))
 
 
 class LocalRule(ABC):
-    """A local learning rule. Subclasses set ``name`` and ``gemms`` and implement ``new_weight``."""
+    """A local learning rule: a cotangent of the layer output, optional per-filter terms.
+
+    Subclasses set ``name`` (and ``gemms = 0`` for a rule that never updates) and implement
+    :meth:`cotangent`; :meth:`filter_decay` and :meth:`finish` are optional. ``new_weight`` composes
+    them: ``finish(W + η·(<P ⊗ X> - <D>_o·W_o), W)``.
+    """
 
     name: ClassVar[str]
     gemms: ClassVar[int] = 1   # update GEMMs per step: enters the 3/(3-p) speed bound
@@ -86,16 +94,37 @@ class LocalRule(ABC):
         """Whether the rule changes weights at all (freeze does not): no local rate, nothing to average."""
         return self.gemms > 0
 
-    @abstractmethod
-    def new_weight(self, weight: Tensor, y: Tensor, geometry: Geometry, lr: Tensor) -> Tensor | None:
+    def cotangent(self, y: Tensor) -> Tensor:
+        """``P``: the activity pulled back through the layer in place of the error (shaped like ``y``).
+
+        ``y`` is the layer output, ``(rows, out)`` for linear layers, ``(N, C_out, *spatial)`` for convs.
+        """
+        raise NotImplementedError(f"rule {self.name!r} must define cotangent(y) (or override new_weight)")
+
+    def filter_decay(self, y: Tensor, post: Tensor) -> Tensor | None:
+        """``D`` (shaped like ``y``): ``ΔW`` gets ``-<D>_o · W_o``, the per-filter mean of ``D`` times the filter.
+        None (the default): no such term."""
+        return None
+
+    def finish(self, new: Tensor, old: Tensor) -> Tensor:
+        """Post-process the new (filter-major) weight; ``old`` is the weight before the update."""
+        return new
+
+    def new_weight(self, weight: Tensor, y: Tensor, pullback: Pullback, lr: Tensor) -> Tensor | None:
         """The updated weight (a new tensor), or None for no update.
 
         Args:
-            weight: the current weight (do not modify it).
+            weight: the current weight, filter-major (do not modify it).
             y: the layer output, ``(rows, out)`` for linear layers, ``(N, C_out, *spatial)`` for convs.
-            geometry: input and shapes; ``geometry.correlate`` is the update GEMM.
+            pullback: ``pullback.correlate(P)`` is the update GEMM ``<P ⊗ X>``.
             lr: the local learning rate ``η`` (0-dim tensor, may be negative under weak supervision).
         """
+        post = self.cotangent(y)
+        delta = pullback.correlate(post)
+        decay = self.filter_decay(y, post)
+        if decay is not None:
+            delta = delta - pullback.channel_mean(decay) * weight
+        return self.finish(weight + lr * delta, weight)
 
     @property
     def key(self) -> str:
@@ -121,8 +150,11 @@ class Hebbian(LocalRule):
 
     name: ClassVar[str] = "hebbian"
 
-    def new_weight(self, weight, y, geometry, lr):
-        return _rescale_rows(weight + lr * geometry.correlate(y), weight)
+    def cotangent(self, y):
+        return y
+
+    def finish(self, new, old):
+        return _rescale_rows(new, old)
 
 
 @dataclass(frozen=True)
@@ -131,8 +163,11 @@ class Oja(LocalRule):
 
     name: ClassVar[str] = "oja"
 
-    def new_weight(self, weight, y, geometry, lr):
-        return weight + lr * (geometry.correlate(y) - geometry.channel_mean(y * y) * weight)
+    def cotangent(self, y):
+        return y
+
+    def filter_decay(self, y, post):
+        return y * y
 
 
 @dataclass(frozen=True)
@@ -146,9 +181,11 @@ class SoftHebb(LocalRule):
         if not self.tau > 0:
             raise ValueError(f"SoftHebb tau must be > 0, got {self.tau}")
 
-    def new_weight(self, weight, y, geometry, lr):
-        s = torch.softmax(y / self.tau, dim=geometry.channel_dim)
-        return weight + lr * (geometry.correlate(s) - geometry.channel_mean(s * y) * weight)
+    def cotangent(self, y):
+        return torch.softmax(y / self.tau, dim=Pullback.channel_dim)
+
+    def filter_decay(self, y, post):
+        return post * y
 
 
 @dataclass(frozen=True)
@@ -158,7 +195,7 @@ class Freeze(LocalRule):
     name: ClassVar[str] = "freeze"
     gemms: ClassVar[int] = 0
 
-    def new_weight(self, weight, y, geometry, lr):
+    def new_weight(self, weight, y, pullback, lr):
         return None
 
 
@@ -177,6 +214,10 @@ def register_rule(rule: LocalRule | type[LocalRule]) -> str:
         raise TypeError(f"a local rule must subclass localsgd_fx.rules.LocalRule, got {type(rule).__name__}")
     if rule.gemms not in (0, 1):
         raise ValueError(f"rule {rule.name!r}: gemms must be 0 or 1 (LoCal+SGD rules cost at most one update GEMM)")
+    cls = type(rule)
+    if rule.gemms and cls.cotangent is LocalRule.cotangent and cls.new_weight is LocalRule.new_weight:
+        raise TypeError(f"rule {rule.name!r} defines neither cotangent(y) nor new_weight(...); define cotangent(y), "
+                        "the activity the update GEMM pulls back")
     _RULES[rule.key] = rule
     return rule.key
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from passes.errors import LocalSGDError
-from passes.layers import LayerOrder
+from passes.layers import LayerOrder, weight_of
 from passes.partition import cut_after
 
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE
@@ -185,7 +185,7 @@ class SignalMeter(nn.Module):
         self._prefixes.clear()
 
     def _weight(self, t: int) -> Tensor:
-        return self._traced.get_submodule(self._order.layers[t].name).weight
+        return weight_of(self._traced, self._order.layers[t])
 
     # ------------------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:

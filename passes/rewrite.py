@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import LocalSGDError
-from .layers import LayerOrder
+from .layers import LayerOrder, layer_call
 from .partition import SOURCE_OPS, partition
 
 __all__ = ["rewrite", "LocalUpdateSpec", "detach_crossing", "PARTITION_META", "ROLE_META"]
@@ -61,29 +60,9 @@ def detach_crossing(value):
 
 torch.fx.wrap("detach_crossing")
 
-_FUNCTIONAL = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear}
-
-
-def _geometry(module: nn.Module) -> tuple[tuple | None, list[int], list[int], list[int], int]:
-    """(explicit pad for F.pad or None, stride, padding, dilation, groups) of a layer.
-
-    Non-zero padding modes and asymmetric ``padding="same"`` become an explicit ``F.pad`` so the
-    fused op only ever sees symmetric zero padding (which its update GEMM needs).
-    """
-    if isinstance(module, nn.Linear):
-        return None, [], [], [], 1
-    dims = len(module.kernel_size)
-    stride, dilation = list(module.stride), list(module.dilation)
-    if module.padding_mode != "zeros":
-        return (tuple(module._reversed_padding_repeated_twice), module.padding_mode), stride, [0] * dims, dilation, module.groups
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return None, stride, [0] * dims, dilation, module.groups
-        totals = [d * (k - 1) for d, k in zip(dilation, module.kernel_size)]
-        if all(t % 2 == 0 for t in totals):
-            return None, stride, [t // 2 for t in totals], dilation, module.groups
-        return (tuple(module._reversed_padding_repeated_twice), "constant"), stride, [0] * dims, dilation, module.groups
-    return None, stride, list(module.padding), dilation, module.groups
+def _functional(kind: str):
+    """The torch.nn.functional of a layer kind (``conv_transpose2d`` -> ``F.conv_transpose2d``)."""
+    return getattr(F, kind)
 
 
 def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalUpdateSpec) -> fx.GraphModule:
@@ -117,27 +96,33 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
 
     def emit_layer_call(node: fx.Node, local: bool) -> fx.Node:
         layer = layer_of_site[node.name]
-        module = gm.get_submodule(layer.name)
-        if len(node.args) != 1 or node.kwargs:
+        call = layer_call(gm, node)
+        if call is None:
             raise LocalSGDError(f"layer call with unexpected arguments: {node.format_node()}")
-        x = env[node.args[0]]
-        pad, stride, padding, dilation, groups = _geometry(module)
-        if pad is not None:
-            x = graph.call_function(F.pad, (x, pad[0]), {"mode": pad[1]})
-        weight = get_attr(f"{layer.name}.weight")
-        bias = get_attr(f"{layer.name}.bias") if module.bias is not None else None
+        x = env[call.x]
+        if call.pad is not None:
+            x = graph.call_function(F.pad, (x, call.pad[0]), {"mode": call.pad[1]})
+        weight = get_attr(call.weight)
+        bias = get_attr(call.bias) if isinstance(call.bias, str) else None if call.bias is None else env[call.bias]
         if local:
             if not shared:
                 shared["lr"] = get_attr(spec.lr_attr, spec.lr)
                 shared["nonfinite"] = None if spec.nonfinite is None else get_attr(spec.nonfinite_attr, spec.nonfinite)
-            args = (x, weight, bias, shared["lr"], spec.rule, stride, padding, dilation, groups,
+            args = (x, weight, bias, shared["lr"], spec.rule, call.stride, call.padding, call.dilation, call.groups,
                     spec.sample_fraction, shared["nonfinite"], layer.index)
-            return graph.create_node("call_function", spec.op, args, name=node.name)
+            kwargs = {} if not call.transposed else {"output_padding": call.output_padding}
+            return graph.create_node("call_function", spec.op, args, kwargs, name=node.name)
         # a LOCAL (shared) layer called outside the prefix: the weight is a constant there
         weight = graph.call_method("detach", (weight,))
-        bias = graph.call_method("detach", (bias,)) if bias is not None else None
-        conv_args = () if layer.kind == "linear" else (stride, padding, dilation, groups)
-        return graph.create_node("call_function", _FUNCTIONAL[layer.kind], (x, weight, bias, *conv_args), name=node.name)
+        if isinstance(call.bias, str) or (isinstance(call.bias, fx.Node) and call.bias.op == "get_attr"):
+            bias = graph.call_method("detach", (bias,))   # the layer's own bias is a constant too
+        if call.kind == "linear":
+            conv_args = ()
+        elif call.transposed:
+            conv_args = (call.stride, call.padding, call.output_padding, call.groups, call.dilation)
+        else:
+            conv_args = (call.stride, call.padding, call.dilation, call.groups)
+        return graph.create_node("call_function", _functional(call.kind), (x, weight, bias, *conv_args), name=node.name)
 
     def copy(node: fx.Node, lookup) -> fx.Node:
         if node.op in ("call_module", "get_attr"):

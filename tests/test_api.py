@@ -224,9 +224,9 @@ def test_model_without_layers_is_a_clear_error():
             self.w = nn.Parameter(torch.randn(2, 1, 3, 3))
 
         def forward(self, x):
-            return F.conv2d(x, self.w)
+            return F.conv2d(x, self.w * 2)      # a computed weight: not a layer (a parameter's would be one)
 
-    with pytest.raises(LocalSGDError, match="torch.nn.functional"):
+    with pytest.raises(LocalSGDError, match="torch.nn.functional"), pytest.warns(UserWarning, match="conv2d"):
         compile_localsgd(Functional())
     with pytest.raises(TypeError):
         compile_localsgd(lambda x: x)

@@ -15,7 +15,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from helpers.hypothesis_profile import examples
-from helpers.references import CallRecorder, RefGeometry, im2col, ref_new_weight
+from helpers.references import (CallRecorder, RefGeometry, RefTransposedGeometry, filter_major, im2col,
+                                ref_new_weight)
 from localsgd_fx import LocalRule, LocalSGDError, compile_localsgd, list_rules, register_rule
 from localsgd_fx.ops import LOCAL_UPDATE
 from localsgd_fx.rules import Freeze, Hebbian, Oja, SoftHebb, get_rule, make_rule
@@ -396,3 +397,38 @@ def test_registry_errors_and_keys():
 
     with pytest.raises(ValueError, match="gemms"):
         register_rule(TwoGemms)
+
+
+# ------------------------------------------------------------------------ the cotangent API
+@dataclass(frozen=True)
+class SignedCotangent(LocalRule):
+    """The rules.py docstring's example: a rule is a cotangent, nothing else."""
+
+    name: ClassVar[str] = "signed_cotangent_test"
+
+    def cotangent(self, y):
+        return torch.sign(y)
+
+
+def test_user_rule_as_a_cotangent_matches_reference_on_conv_and_transposed_conv():
+    register_rule(SignedCotangent)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    w_old = w.clone()
+    y = call_op(x, w, None, 0.2, "signed_cotangent_test", (1, 1), (1, 1), (1, 1), 1)
+    geom = RefGeometry(x, w_old.shape, stride=(1, 1), pads=[(1, 1), (1, 1)], dilation=(1, 1))
+    assert_close(w, w_old + 0.2 * geom.correlate(geom.flat(torch.sign(y))))
+    w = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)    # transposed: (C_in, C_out, k, k)
+    w_old = w.clone()
+    y = LOCAL_UPDATE(x, w, None, torch.tensor(0.2, dtype=torch.float64), "signed_cotangent_test", [2, 2], [0, 0],
+                     [1, 1], 1, 1.0, None, 0, output_padding=[0, 0])
+    geom = RefTransposedGeometry(x, w_old.shape, stride=(2, 2), padding=(0, 0), dilation=(1, 1), output_padding=(0, 0))
+    expected = filter_major(w_old, 1) + 0.2 * geom.correlate(geom.flat(torch.sign(y)))
+    assert_close(filter_major(w, 1), expected)
+
+    class Nothing(LocalRule):
+        name: ClassVar[str] = "nothing_test"
+
+    with pytest.raises(TypeError, match="cotangent"):
+        register_rule(Nothing)

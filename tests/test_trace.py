@@ -183,22 +183,22 @@ def test_an_opaque_call_holding_layers_is_never_in_the_prefix(name):
     order = find_layers(gm)
     opaque = {n.name for n in gm.graph.nodes if n.op == "call_module" and n.target in gm.meta[OPAQUE_META]}
     assert opaque
-    for t in range(len(order) + 1):
+    for t in range(order.local_limit + 1):     # past the limit partition refuses t (test_layer_kinds)
         assert not opaque & partition(gm, order, t).prefix, f"t={t}"
 
 
-def test_work_feeding_a_local_layer_only_through_an_opaque_call_stays_sgd():
-    # input BatchNorm -> opaque conv -> conv: at t=1 the BatchNorm feeds the local conv only through the
-    # opaque call, whose layers need backprop, so the BatchNorm must stay out of the prefix too
+def test_a_layer_behind_an_opaque_call_holding_layers_never_becomes_local():
+    # input BatchNorm -> opaque conv -> conv: the opaque call's layers need back-propagation, so the conv behind it
+    # cannot become local (it would sit outside the prefix with a detached weight: silently frozen), and neither
+    # the BatchNorm nor the opaque call ever joins a prefix
     model = nn.Sequential(nn.BatchNorm2d(3), PadSameConv(3, 4, 3), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 2))
     gm = trace(model, leaf_modules=("1",))
     order = find_layers(gm)
-    assert order.names == ["2", "5"]
-    part = partition(gm, order, 1)
-    names = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
-    assert names["0"] not in part.prefix and names["1"] not in part.prefix
-    assert part.outside_local_sites == (names["2"],)    # the local conv runs after the opaque call
+    assert order.names == ["2", "5"] and order.local_limit == 0
+    with pytest.raises(LocalSGDError, match="stays on SGD"):
+        partition(gm, order, 1)
+    assert not partition(gm, order, 0).prefix
 
 
 def test_functional_relu_module_behind_the_quirks_still_traces_in_both_modes():

@@ -2,6 +2,7 @@
 exact rational arithmetic. Nothing here calls the library's numerics."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from fractions import Fraction
@@ -167,3 +168,46 @@ def reference_rates(mode: str, losses, base: float, beta=Fraction(9, 10)) -> tup
         out.append(lr)
         ambiguous.append(amb)
     return out, ambiguous
+
+
+def transposed_cols(x: torch.Tensor, kernel, stride, padding, dilation, output_padding) -> torch.Tensor:
+    """``(N, C·prod(K), L_out)`` columns of a transposed conv: column ``p`` holds, for each input channel
+    and kernel offset ``k``, the input at the position ``q`` with ``q·s - pad + k·d = p`` (0 where none)."""
+    dims = x.dim() - 2
+    size_in = x.shape[2:]
+    size_out = [(size_in[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + output_padding[i] + 1
+                for i in range(dims)]
+    patches = []
+    for offs in itertools.product(*[range(k) for k in kernel]):
+        index, valid = [], []
+        for i in range(dims):
+            num = torch.arange(size_out[i]) + padding[i] - offs[i] * dilation[i]
+            q = torch.div(num, stride[i], rounding_mode="floor")
+            index.append(q.clamp(0, size_in[i] - 1))
+            valid.append((num % stride[i] == 0) & (q >= 0) & (q < size_in[i]))
+        grids = torch.meshgrid(*index, indexing="ij")
+        mask = functools.reduce(lambda a, b: a & b, torch.meshgrid(*valid, indexing="ij"))
+        patches.append(x[(slice(None), slice(None), *grids)] * mask.to(x.dtype))
+    cols = torch.stack(patches, dim=2)                     # (N, C, prod K, *out)
+    n, c = x.shape[:2]
+    return cols.reshape(n, c * math.prod(kernel), math.prod(size_out))
+
+
+def filter_major(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed conv weight ``(C_in, C_out/g, *k)`` as ``(C_out, C_in/g, *k)``: row ``o`` is what feeds output
+    channel ``o`` (written out channel by channel)."""
+    c_in, c_out_g = weight.shape[:2]
+    c_in_g = c_in // groups
+    return torch.stack([weight[(o // c_out_g) * c_in_g:(o // c_out_g + 1) * c_in_g, o % c_out_g]
+                        for o in range(c_out_g * groups)])
+
+
+class RefTransposedGeometry(RefGeometry):
+    """:class:`RefGeometry` of a transposed conv call: its columns, and the weight seen filter-major."""
+
+    def __init__(self, x: torch.Tensor, weight_shape, *, stride, padding, dilation, output_padding, groups=1):
+        c_in, c_out_g, *kernel = weight_shape
+        self.weight_shape = (c_out_g * groups, c_in // groups, *kernel)
+        self.linear = False
+        self.groups = groups
+        self.cols = transposed_cols(x, kernel, stride, padding, dilation, output_padding)
