@@ -215,7 +215,7 @@ class LocalSGDDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         lm = self.module
         self.finish_step()                  # in case the previous step skipped observe_loss
-        if not lm.training:                 # eval runs the untouched graph: nothing changes, nothing to sync
+        if not lm.training:                 # eval runs the user's own model: nothing changes, nothing to sync
             return lm(*args, **kwargs)
         if lm.transition != self._wrapped_t:
             self._wrap(first=False)

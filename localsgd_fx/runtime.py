@@ -8,7 +8,7 @@
   ``"capture"`` records whole training steps as CUDA graphs, no compiler (:mod:`localsgd_fx.capture`: the
   trainer's step, and ``model.capture_step`` for your own loop; ``auto`` in the trainer on a GPU uses it).
 - :class:`CompileClock` — every second torch spends compiling (the forward when dynamo traces it, the
-  backward when autograd first needs it, CUDA-graph recording) is charged to the module that triggered it.
+  backward when autograd first needs it, CUDA-graph recording) is charged to the account of the model that ran it.
 """
 from __future__ import annotations
 

@@ -643,7 +643,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, float]:
-        """``(test loss, test accuracy, seconds)`` with ``model.eval()`` (the untouched graph)."""
+        """``(test loss, test accuracy, seconds)`` with ``model.eval()`` (the user's own model)."""
         start = time.perf_counter()
         self.model.eval()
         loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long, device=self.device)
