@@ -102,14 +102,16 @@ STAGES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--stage", choices=list(STAGES), required=True)
-    parser.add_argument("--local-lr", type=float, help="stage 'schedule': the local rate to use (default: the library's)")
+    parser.add_argument("--local-lr", type=float,
+                        help="stage 'schedule': the local rate to use (default: the library's)")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
     parser.add_argument("--test-subset", type=int, default=BASE["test_subset"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="runs/sweep")
     args = parser.parse_args()
     extra = {"local_lr": args.local_lr} if args.local_lr is not None else {}
-    base = TrainConfig(**{**BASE, "epochs": args.epochs, "test_subset": args.test_subset}, **extra, out=None, progress=False).validate()
+    base = TrainConfig(**{**BASE, "epochs": args.epochs, "test_subset": args.test_subset}, **extra, out=None,
+                       progress=False).validate()
     start = time.perf_counter()
     runs = run_tradeoff(base, args.seeds, arms=STAGES[args.stage])
     summary = summarise(runs)
@@ -118,7 +120,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sweep_{args.stage}.json"
     atomic_write_text(path, json.dumps({"base": base.to_dict(), "arms": STAGES[args.stage], "summary": summary,
-                                        "runs": runs, "wall_time_s": time.perf_counter() - start}, indent=1, default=str))
+                                        "runs": runs, "wall_time_s": time.perf_counter() - start},
+                                       indent=1, default=str))
     print(f"wrote {path}")
 
 

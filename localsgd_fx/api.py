@@ -21,13 +21,13 @@ from passes.layers import LayerOrder, find_layers, weight_of
 from passes.rewrite import LocalUpdateSpec
 from passes.trace import OPAQUE_META, mode_watch, modes_changed, retrace, trace
 
+from .capture import TrainStep
 from .cost import speed_bound
+from .driver import ScheduleDriver
+from .graphs import GraphCache
 from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
-from .capture import TrainStep
-from .driver import ScheduleDriver
-from .graphs import GraphCache
 from .runtime import compile_mode
 from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, Dynamic, PolicySchedule, Schedule, make_schedule
 from .signals import SignalMeter, UpdateNorms
@@ -40,7 +40,8 @@ __all__ = ["LocalSGDModule", "compile_localsgd", "DEFAULT_RULE", "DEFAULT_LOCAL_
 #: seed spread), and it is faster (no update GEMM): docs/RESULTS.md, "Local rule or freeze".
 #: ``rule="hebbian"`` is the paper's rule.
 DEFAULT_RULE = "freeze"
-DEFAULT_LOCAL_LR = 1e-4   # from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
+# from benchmarks/sweep_defaults.py --stage lr: 1e-3 cost 5.5 pp, 1e-4 0.25 pp (docs/RESULTS.md)
+DEFAULT_LOCAL_LR = 1e-4
 #: Each local update is computed from this fraction of the batch. A quarter makes the update GEMM
 #: 4x cheaper at no measured accuracy cost, since the update is small anyway (docs/RESULTS.md,
 #: "Pushing the dynamic schedule": 1.34x at -0.40 pp vs 1.19x at -0.50 pp with the full batch).
@@ -329,7 +330,8 @@ class LocalSGDModule(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         order = self.graphs.order
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise LocalSGDError(f"checkpoint LocalSGD state has version {getattr(state, 'get', lambda k: None)('version')!r}, "
+            raise LocalSGDError(f"checkpoint LocalSGD state has version "
+                                f"{getattr(state, 'get', lambda k: None)('version')!r}, "
                                 f"this library reads version {STATE_VERSION}; it was written by another release.")
         if list(state["layers"]) != order.names:
             raise LocalSGDError("checkpoint was written for a model with other layers "
@@ -395,7 +397,8 @@ class LocalSGDModule(nn.Module):
 _READS_UPDATE_NORMS = (Dynamic, PolicySchedule)
 
 
-def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE, schedule: str | Schedule | Callable = "dynamic",
+def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE,
+                     schedule: str | Schedule | Callable = "dynamic",
                      local_lr: float = DEFAULT_LOCAL_LR, weak_supervision: str = "sign",
                      example_inputs: tuple | None = None, compile: bool | str = "auto", max_local: int | None = None,
                      leaf_modules: Iterable[str | type] = (), inplace: bool = False, total_epochs: int | None = None,

@@ -32,10 +32,10 @@ from passes.partition import check_transition
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
 from .capture import TrainStep
-from .runtime import COMPILE_MODES, DEVICES
 from .cli import OneLineParser
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
+from .runtime import COMPILE_MODES, DEVICES
 from .train import AMP_DTYPES, ConfigError
 
 __all__ = ["StepRow", "measure_steps", "default_transitions", "format_rows", "machine_line", "main_step"]
@@ -222,14 +222,16 @@ def _fmt_mb(value: float | None) -> str:
 def machine_line(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__})")
 
 
 def main_step(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="localsgd bench step", description=__doc__.split("\n\n")[1])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--rule", default="hebbian",
-                        help="local rule (default %(default)s: the rule whose update GEMM the bound models; freeze: none)")
+                        help="local rule (default %(default)s: the rule whose update GEMM the bound models; "
+                             "freeze: none)")
     parser.add_argument("--batch-size", type=int, default=BATCH)
     parser.add_argument("--in-channels", type=int, default=IN_CHANNELS)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)

@@ -32,7 +32,6 @@ Run: ``localsgd bench tradeoff [--seeds 0 1 2] [--arms SGD "LoCal dynamic"] [--m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -44,7 +43,7 @@ from .atomic import atomic_write_text
 from .cli import OneLineParser
 from .metrics import format_table
 from .runtime import COMPILE_MODES, DEVICES, resolve_device
-from .train import AMP_DTYPES, ConfigError, Trainer, TrainConfig, load_data, without_unused
+from .train import AMP_DTYPES, ConfigError, TrainConfig, Trainer, load_data, without_unused
 
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
 DEFAULT = dict(model="resnet20", train_subset=10000, test_subset=5000, epochs=8, batch_size=128)
@@ -79,8 +78,8 @@ def select_arms(names: Sequence[str] = DEFAULT_ARMS) -> dict[str, dict[str, Any]
     """``{name: overrides}`` of the named arms of :data:`ARMS`, in the given order."""
     return {name: ARMS[name] for name in names}
 
-__all__ = ["run_tradeoff", "summarise", "select_arms", "seed_lines", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS", "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK",
-           "SIGNAL_DECIDE_EVERY"]
+__all__ = ["run_tradeoff", "summarise", "select_arms", "seed_lines", "main", "ARMS", "DEFAULT", "DEFAULT_ARMS",
+           "DEFAULT_SEEDS", "FAST", "FASTEST", "QUICK", "SIGNAL_DECIDE_EVERY"]
 
 
 def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[str, Any]] | None = None,
@@ -159,7 +158,8 @@ def format_summary(summary: dict[str, dict[str, Any]], memory_kind: str, *, mark
         mean, std = stat
         return spec.format(mean) + ("" if std != std else " ± " + spec.replace("+", "").format(std))
 
-    rows = [(name, cell(s["train_time_s"], "{:.1f}"), cell(s["speedup"], "{:.2f}") + "x", cell(s["bound"], "{:.2f}") + "x",
+    rows = [(name, cell(s["train_time_s"], "{:.1f}"), cell(s["speedup"], "{:.2f}") + "x",
+             cell(s["bound"], "{:.2f}") + "x",
              cell(s["test_acc"], "{:.2f}"), cell(s["delta_acc_pp"], "{:+.2f}"),
              cell(s["peak_memory_mb"], "{:.1f}") + " / " + cell(s["last_epoch_memory_mb"], "{:.1f}"),
              cell(s["local_flop_epochs"], "{:.3f}"), cell(s["final_t"], "{:.0f}"))
@@ -179,19 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-subset", type=int, help="0 = the whole split")
     parser.add_argument("--test-subset", type=int, help="0 = the whole split")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seeds", type=int, nargs="+", help=f"one run per seed (default: {DEFAULT_SEEDS}; --quick: [0])")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help=f"one run per seed (default: {DEFAULT_SEEDS}; --quick: [0])")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                         help=f"the arms, the first is the reference (default: {list(DEFAULT_ARMS)}; all: {list(ARMS)})")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                         help="every arm in this mode (default %(default)s: on a GPU each t's whole step recorded as a "
                              "CUDA graph, plain SGD's too; elsewhere compile only where it pays)")
-    parser.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="every arm under autocast (default %(default)s)")
+    parser.add_argument("--amp", default="off", choices=list(AMP_DTYPES),
+                        help="every arm under autocast (default %(default)s)")
     parser.add_argument("--channels-last", action="store_true", help="every arm channels-last")
     parser.add_argument("--out", default="runs/tradeoff",
                         help="folder for tradeoff.json / tradeoff.png / tradeoff_scatter.png (default %(default)s)")
     parser.add_argument("--from-json", metavar="PATH",
-                        help="train nothing: print the table (Markdown too) and redraw the plots of a saved tradeoff.json")
+                        help="train nothing: print the table (Markdown too) and redraw the plots of a saved "
+                             "tradeoff.json")
     args = parser.parse_args(argv)
     if args.from_json:
         saved = _read_saved(Path(args.from_json))

@@ -2,7 +2,8 @@
 
 * ``localsgd train`` - LoCal+SGD training (:mod:`localsgd_fx.train`); with no flags it is the default
   run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, frozen local prefix, dynamic
-  schedule), about 4 minutes on 2 idle CPU cores (6-7 when they are shared). Writes metrics, plots and checkpoints to ``--out``.
+  schedule), about 4 minutes on 2 idle CPU cores (6-7 when they are shared). Writes metrics, plots and
+  checkpoints to ``--out``.
 * ``localsgd inspect`` - prints a model's rewritten graph for a transition ``t`` and its per-layer
   map, and writes the graph as DOT (and PNG if graphviz's ``dot`` is installed).
 * ``localsgd bench tradeoff`` - SGD vs LoCal+SGD (static, dynamic) vs freeze, interleaved
@@ -33,8 +34,10 @@ TRAIN_DESCRIPTION = (
     "t grows by the --schedule. Measures per epoch: t, local FLOP fraction p, train loss/accuracy, test accuracy, "
     "epoch and step wall time, activation memory saved for backward, compile time, the local learning rate and the "
     "schedule's statistics -> OUT/metrics.{jsonl,csv}, OUT/transition.png, OUT/accuracy_vs_time.png, "
-    "OUT/checkpoint.pt (every epoch). With no flags it is the default run: ResNet-20 on Fashion-MNIST, 10000 train / 2000 test "
-    "images, 8 epochs, frozen local prefix, dynamic schedule (~4 min on 2 idle CPU cores); use --train-subset 0 --test-subset 0 "
+    "OUT/checkpoint.pt (every epoch). With no flags it is the default run: ResNet-20 on Fashion-MNIST, "
+    "10000 train / 2000 test "
+    "images, 8 epochs, frozen local prefix, dynamic schedule (~4 min on 2 idle CPU cores); "
+    "use --train-subset 0 --test-subset 0 "
     "for the full dataset.")
 
 #: Printed as one line with exit status 2: the library's errors, ValueError (Python's error for a bad
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="localsgd",
                                      description="LoCal+SGD: selective localized learning as a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,inspect,bench}")
-    train = sub.add_parser("train", help="train a model with LoCal+SGD (no flags: the default run, ~4 min on 2 CPU cores)",
+    train = sub.add_parser("train",
+                           help="train a model with LoCal+SGD (no flags: the default run, ~4 min on 2 CPU cores)",
                            description=TRAIN_DESCRIPTION)
     _add_train_args(train)
     insp = sub.add_parser("inspect", help="print the rewritten graph and layer map for a transition t; write DOT/PNG")

@@ -61,7 +61,8 @@ from .atomic import atomic_write_text
 #: The fixed columns, in file order; schedule statistics (``sched_*``) follow.
 COLUMNS = ("epoch", "t", "t_next", "local_fraction", "speed_bound", "train_loss", "train_acc", "test_loss", "test_acc",
            "epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "saved_activation_mb", "cuda_peak_mb",
-           "compile_s", "capture_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size", "replica_max_abs_diff")
+           "compile_s", "capture_s", "compiled", "compile_cache_hits", "lr", "local_lr", "world_size",
+           "replica_max_abs_diff")
 #: Columns that measure the machine (they differ between otherwise identical runs): time, and the CUDA
 #: peak, which depends on what the process's allocator and cuBLAS/cuDNN workspaces already hold.
 MEASURED_COLUMNS = ("epoch_time_s", "train_time_s", "elapsed_train_s", "mean_step_ms", "compile_s", "capture_s",
@@ -150,7 +151,8 @@ def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str], *, markdo
     """A plain fixed-width text table, or a Markdown one (numbers already formatted by the caller)."""
     rows = [[str(c) for c in r] for r in rows]
     if markdown:
-        return "\n".join("| " + " | ".join(cells) + " |" for cells in [list(map(str, header)), ["---"] * len(header), *rows])
+        return "\n".join("| " + " | ".join(cells) + " |"
+                         for cells in [list(map(str, header)), ["---"] * len(header), *rows])
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line([str(h) for h in header]), line(["-" * w for w in widths]), *(line(r) for r in rows)])

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["COMPILE_MODES", "DEVICES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits", "CompileAccount",
-           "CompileClock", "AutoCompile", "CompileDecision"]
+__all__ = ["COMPILE_MODES", "DEVICES", "compile_mode", "resolve_device", "torch_compile", "compile_cache_hits",
+           "CompileAccount", "CompileClock", "AutoCompile", "CompileDecision"]
 
 COMPILE_MODES = ("auto", "off", "on", "reduce-overhead", "capture")
 #: The device names :func:`resolve_device` takes.
@@ -27,7 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def compile_mode(value: bool | str) -> str:
-    """Normalise a compile setting: ``True`` -> ``"on"``, ``False`` -> ``"off"``, strings as in :data:`COMPILE_MODES`."""
+    """Normalise a compile setting: ``True`` -> ``"on"``, ``False`` -> ``"off"``, strings as in
+    :data:`COMPILE_MODES`."""
     if value is True or value is False:
         return "on" if value else "off"
     if value not in COMPILE_MODES:
@@ -138,7 +139,8 @@ class CompileDecision:
     def line(self) -> str:
         what = {"compile": "compiling", "eager": "staying eager", "fallback": "back to eager"}[self.choice]
         text = (f"compile auto, t={self.t}: {what} (eager step {self.eager_ms:.1f} ms, ~{self.expected_steps} more "
-                f"steps at this t, expected saving {self.expected_saving_s:.1f} s vs compile {self.expected_compile_s:.1f} s")
+                f"steps at this t, expected saving {self.expected_saving_s:.1f} s "
+                f"vs compile {self.expected_compile_s:.1f} s")
         if self.compiled_ms is not None:
             text += f"; measured: compiled step {self.compiled_ms:.1f} ms, compile {self.compile_s:.1f} s"
         return text + ")"

@@ -168,7 +168,8 @@ class SignalMeter(nn.Module):
         z = _standardised(out, self._order.layers[t].kind == "linear")
         change = None
         if self.reference is not None and self.reference_layer == t:
-            change = torch.linalg.vector_norm(z - self.reference) / torch.linalg.vector_norm(self.reference).clamp_min(1e-12)
+            change = (torch.linalg.vector_norm(z - self.reference)
+                      / torch.linalg.vector_norm(self.reference).clamp_min(1e-12))
         self.reference, self.reference_layer = z, t
         return change
 

@@ -50,23 +50,28 @@ import models_zoo
 from passes import find_layers, trace
 from passes.errors import LocalSGDError
 
-from .capture import TrainStep
 from .api import DEFAULT_LOCAL_LR, DEFAULT_RULE, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .atomic import atomic_write_text
-from .rules import make_rule
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, check_compatible, load_checkpoint,
-                         restore_rng, save_checkpoint)
+from .capture import TrainStep
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    capture_rng,
+    check_compatible,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .cost import speed_bound
-from .data import Batches, ImageDataset, load_dataset
-from .lock import RunLock
-from .run_folder import disk_full_guard, new_run_folder, prepare_run_folder
+from .data import Batches, ImageDataset, list_datasets, load_dataset
 from .distributed import LocalSGDDataParallel, all_reduce_sum, gather_objects, rank, replica_max_abs_diff, world_size
+from .lock import RunLock
 from .metrics import SavedActivationMeter, format_table, write_metrics
-from .data import list_datasets
-from .rules import list_rules
+from .rules import list_rules, make_rule
+from .run_folder import disk_full_guard, new_run_folder, prepare_run_folder
 from .runtime import COMPILE_MODES, DEVICES, compile_cache_hits, resolve_device
-from .supervision import MODES as WEAK_SUPERVISION_MODES
 from .schedules import SCHEDULE_NAMES, make_schedule
+from .supervision import MODES as WEAK_SUPERVISION_MODES
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer",
            "TrainResult", "Callback", "fit", "load_data"]
@@ -371,19 +376,22 @@ class TrainResult:
         rows = [("final test accuracy", f"{100 * last['test_acc']:.2f} %"),
                 ("train time", f"{self.train_time_s:.1f} s (evaluation excluded)"),
                 ("epochs", f"{last['epoch']} of {cfg.epochs}"),
-                ("final t (last epoch)", f"{last['t']} of {len(self.model.layer_order)} layers (next: {last['t_next']})"),
+                ("final t (last epoch)",
+                 f"{last['t']} of {len(self.model.layer_order)} layers (next: {last['t_next']})"),
                 ("local FLOP fraction p", _fmt(last["local_fraction"], "{:.3f}")),
                 ("step-speed bound at p", _fmt(last["speed_bound"], "{:.3f}x") + " (GEMM model)"),
                 ("local layer-FLOP-epochs", f"{self.local_flop_epochs:.3f}")]
         compile_s = sum(r.get("compile_s") or 0.0 for r in self.metrics)
         if self.model.compile_count:
             rows.append(("compiling", f"{compile_s:.1f} s of the train time, {self.model.compile_count} graphs, "
-                                      f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} loaded from torch's cache "
+                                      f"{sum(r.get('compile_cache_hits') or 0 for r in self.metrics)} "
+                                      "loaded from torch's cache "
                                       f"(compile={cfg.compile})"))
         account = self.model.graphs.account
         if account.captures:
             rows.append(("recorded steps (CUDA graphs)",
-                         f"{account.captures} transitions, {sum(r.get('capture_s') or 0.0 for r in self.metrics):.2f} s "
+                         f"{account.captures} transitions, "
+                         f"{sum(r.get('capture_s') or 0.0 for r in self.metrics):.2f} s "
                          "of warm-up steps and recording in the train time"))
         head = (f"{cfg.model} on {cfg.dataset} ({cfg.train_subset or 'all'} train / {cfg.test_subset or 'all'} test "
                 f"images), rule={cfg.rule}, schedule={cfg.schedule}, seed={cfg.seed}")
@@ -496,7 +504,8 @@ class Trainer:
             compile="capture" if capture else config.compile, total_epochs=config.epochs,
             sample_fraction=config.sample_fraction)
         amp_dtype = AMP_DTYPES[config.amp]
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.autocast = ((lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype
+                         else contextlib.nullcontext)
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
@@ -594,7 +603,8 @@ class Trainer:
         train_time = time.perf_counter() - start
         bar.close()
         for decision in lm.compile_decisions[decisions_before:]:
-            if decision.choice != "eager" or decision.expected_saving_s > 0:   # "no saving at all" stays in summary.json
+            # "no saving at all" stays in summary.json
+            if decision.choice != "eager" or decision.expected_saving_s > 0:
                 self.log(decision.line())
         if self.world_size > 1:   # the epoch's figures over all processes
             totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
@@ -673,7 +683,8 @@ class Trainer:
                 **({"rng_ranks": self.rng_ranks} if self.world_size > 1 else {})}
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "") -> None:
-        """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside :data:`RUN_CONTROL`."""
+        """Restore a checkpoint; refuses (:class:`CheckpointError`) one whose config differs outside
+        :data:`RUN_CONTROL`."""
         missing = [key for key in CHECKPOINT_KEYS if key not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by a finished "
@@ -791,13 +802,14 @@ class Trainer:
         return result
 
     def write_plots(self) -> dict[str, Path]:
-        from .plots import plot_accuracy_vs_time, plot_transition   # matplotlib: imported only when plotting
+        from .plots import plot_accuracy_vs_time, plot_transition  # matplotlib: imported only when plotting
 
         assert self.out_dir is not None
         cfg = self.config
         name = f"{cfg.model} {cfg.dataset} {cfg.rule}/{cfg.schedule}"
         return {"transition": plot_transition(self.metrics, self.out_dir / "transition.png",
-                                              num_layers=len(self.model.layer_order), title=f"transition layer: {name}"),
+                                              num_layers=len(self.model.layer_order),
+                                              title=f"transition layer: {name}"),
                 "accuracy vs time": plot_accuracy_vs_time({name: self.metrics}, self.out_dir / "accuracy_vs_time.png")}
 
     def _prepare_out_dir(self) -> Path | None:

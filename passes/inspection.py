@@ -29,7 +29,8 @@ def to_dot(gm: fx.GraphModule, name: str = "localsgd") -> str:
     """DOT source of a rewritten graph: prefix nodes blue, SGD nodes orange, fused updates bold."""
     part = gm.meta.get(PARTITION_META)
     prefix = part.prefix if part else frozenset()
-    lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
+    lines = [f'digraph "{name}" {{', "  rankdir=TB;",
+             '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
     for node in gm.graph.nodes:
         role = node.meta.get(ROLE_META)   # set by the rewrite pass on the nodes it adds
         if node.op in ("placeholder", "get_attr", "output") or role == "grad_mode":

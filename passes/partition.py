@@ -48,7 +48,8 @@ def check_transition(order: LayerOrder, transition: int) -> None:
     if transition > order.local_limit:
         raise LocalSGDError(
             f"transition {transition} would make layer {order.names[order.local_limit]!r} local, but it depends on "
-            f"{', '.join(order.opaque)}, which stays on SGD (a conv/linear call of a computed weight, or a submodule kept "
+            f"{', '.join(order.opaque)}, which stays on SGD (a conv/linear call of a computed weight, "
+            "or a submodule kept "
             f"opaque); t must be at most {order.local_limit} (make that weight a parameter or an nn.Module layer, or "
             "that submodule traceable, to go further)."
         )
@@ -90,7 +91,8 @@ def partition(gm: fx.GraphModule, order: LayerOrder, transition: int) -> Partiti
         elif layer is not None:
             outside_local.append(node.name)
     crossing = tuple(n.name for n in gm.graph.nodes if n in prefix and any(u not in prefix for u in n.users))
-    return Partition(transition=transition, local_layers=tuple(order.names[:transition]), prefix=frozenset(n.name for n in prefix),
+    return Partition(transition=transition, local_layers=tuple(order.names[:transition]),
+                     prefix=frozenset(n.name for n in prefix),
                      crossing=crossing, outside_local_sites=tuple(outside_local),
                      frozen_parameters=_frozen_parameters(gm, order, transition, prefix))
 
@@ -102,7 +104,7 @@ def _frozen_parameters(gm: fx.GraphModule, order: LayerOrder, transition: int, p
     frozen: dict[str, None] = {}
     direct: list[str] = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node in prefix and node.target not in {l.name for l in order.layers}:
+        if node.op == "call_module" and node in prefix and node.target not in {layer.name for layer in order.layers}:
             frozen.update((f"{node.target}.{n}", None) for n, p in gm.get_submodule(node.target).named_parameters()
                           if p.requires_grad)
         elif node.op == "get_attr" and node.target not in own and any(u in prefix for u in node.users):

@@ -80,7 +80,8 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
 
     Example::
 
-        >>> new = rewrite(gm, find_layers(gm), 2, LocalUpdateSpec(op=local_update, lr=torch.tensor(0.01), rule="hebbian"))
+        >>> spec = LocalUpdateSpec(op=local_update, lr=torch.tensor(0.01), rule="hebbian")
+        >>> new = rewrite(gm, find_layers(gm), 2, spec)
         >>> print(new.code)   # conv calls of layers 0, 1 are now local_update nodes
     """
     part = partition(gm, order, transition)
@@ -146,7 +147,8 @@ def rewrite(gm: fx.GraphModule, order: LayerOrder, transition: int, spec: LocalU
         graph.call_function(torch._C._set_grad_enabled, (grad_was_enabled,)).meta[ROLE_META] = "grad_mode"
         for node in nodes:
             if node.name in part.crossing:
-                env[node] = graph.create_node("call_function", detach_crossing, (env[node],), name=f"{node.name}_detached")
+                env[node] = graph.create_node("call_function", detach_crossing, (env[node],),
+                                              name=f"{node.name}_detached")
                 env[node].meta[ROLE_META] = "crossing"
 
     outside_local = set(part.outside_local_sites)

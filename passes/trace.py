@@ -86,7 +86,8 @@ class _LocalSGDTracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The innermost traceback frame outside torch: the user's construct that broke tracing."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and f.filename != __file__]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and f.filename != __file__]
     return frames[-1] if frames else None
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers.data import write_tiny_fmnist
-from helpers.devices import deterministic_cuda   # also sets CUBLAS_WORKSPACE_CONFIG before CUDA starts
+from helpers.devices import deterministic_cuda  # also sets CUBLAS_WORKSPACE_CONFIG before CUDA starts
 
 
 @pytest.fixture(autouse=True)

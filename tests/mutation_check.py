@@ -62,7 +62,8 @@ MUTANTS = [
            "graph.call_function(torch._C._set_grad_enabled, (False,))",
            "graph.call_function(torch._C._set_grad_enabled, (True,))", ("tests/test_passes.py",)),
     Mutant("prefix-extra-nodes", "extra nodes in the prefix (branches that feed no local layer)", "passes/partition.py",
-           "if inputs_ok and (layer is not None or node in feeds_local or any(i in prefix for i in node.all_input_nodes)):",
+           "if inputs_ok and (layer is not None or node in feeds_local "
+           "or any(i in prefix for i in node.all_input_nodes)):",
            "if inputs_ok:", ("tests/test_passes.py",)),
     Mutant("ema-vs-last", "weak supervision compares with the last loss, not its average", "localsgd_fx/supervision.py",
            "rising = loss > prev if", "rising = loss > torch.where(self.steps == 0, loss, self.last_loss) if",
@@ -81,7 +82,8 @@ MUTANTS = [
            '"epoch": self.epoch, "t": t,', '"epoch": self.epoch, "t": t_next,', ("tests/test_train.py",)),
     Mutant("speedup-inverted", "bench tradeoff: speedup inverted", "localsgd_fx/bench_tradeoff.py",
            '"speedup": sum(r["train_time_s"] for r in ref_recs) / time_s',
-           '"speedup": time_s / sum(r["train_time_s"] for r in ref_recs)', ("tests/test_cli.py::test_bench_tradeoff_quick",)),
+           '"speedup": time_s / sum(r["train_time_s"] for r in ref_recs)',
+           ("tests/test_cli.py::test_bench_tradeoff_quick",)),
     # the GPU step path
     Mutant("guard-dropped", "a non-finite local update is written into the weight", "localsgd_fx/ops.py",
            "        new = torch.where(finite, new, weight)\n", "", ("tests/test_rules.py",)),
@@ -99,10 +101,12 @@ MUTANTS = [
            ("tests/test_cli.py::test_bench_step_rows_follow_the_bound",)),
     # issue 21: opaque submodules and trace-time modes
     Mutant("opaque-submodule-in-prefix", "a call of an opaque submodule holding layers may join the prefix (frozen)",
-           "passes/layers.py", "            elif node.op == \"call_module\" and holds_hidden_layers(", "            elif False and (",
+           "passes/layers.py", "            elif node.op == \"call_module\" and holds_hidden_layers(",
+           "            elif False and (",
            ("tests/test_trace.py", "tests/test_any_model.py")),
     Mutant("mode-not-recorded", "traced-through modes are not recorded (a changed mode goes unnoticed)",
-           "passes/trace.py", "            self.modes[path] = m.training", "            pass", ("tests/test_trace.py",)),
+           "passes/trace.py", "            self.modes[path] = m.training", "            pass",
+           ("tests/test_trace.py",)),
     Mutant("shapes-move-stats", "measuring shapes leaves BatchNorm statistics moved", "passes/layers.py",
            "                b.copy_(saved)\n", "                pass\n", ("tests/test_trace.py",)),
     # issue 22: hardening (the lock, the data identity, the run folder)
@@ -157,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="localsgd-mutants-") as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy, ignore=IGNORE)
-        where = subprocess.run([sys.executable, "-c", "import localsgd_fx, passes; print(localsgd_fx.__file__, passes.__file__)"],
+        where = subprocess.run([sys.executable, "-c",
+                                "import localsgd_fx, passes; print(localsgd_fx.__file__, passes.__file__)"],
                                cwd=copy, env={**os.environ, "PYTHONPATH": str(copy)}, capture_output=True, text=True)
         if where.returncode or any(not Path(p).is_relative_to(copy) for p in where.stdout.split()):
-            print(f"the copy's packages are not the ones imported there: {where.stdout or where.stderr}", file=sys.stderr)
+            print(f"the copy's packages are not the ones imported there: {where.stdout or where.stderr}",
+                  file=sys.stderr)
             return 2
         targets = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         code, seconds, last = pytest_run(copy, targets)
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     for m, verdict in results:
         print(f"| {m.what} | `{m.path}` | {', '.join(f'`{t}`' for t in m.tests)} | {verdict} |")
     survived = [m.name for m, v in results if v != "caught"]
-    print(f"\n{len(results) - len(survived)} of {len(results)} caught" + (f"; not caught: {', '.join(survived)}" if survived else ""))
+    print(f"\n{len(results) - len(survived)} of {len(results)} caught"
+          + (f"; not caught: {', '.join(survived)}" if survived else ""))
     return 1 if survived else 0
 
 

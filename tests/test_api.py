@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+import localsgd_fx
 import models_zoo
 from helpers.devices import requires_cuda
 from helpers.references import RefGeometry, ref_new_weight
 from helpers.state import clone_state
-import localsgd_fx
 from localsgd_fx import DEFAULT_RULE, Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.cli import build_parser
 from localsgd_fx.ops import LOCAL_UPDATE
@@ -68,7 +68,8 @@ def test_same_parameter_objects_and_module_type():
 def test_optimizer_built_before_compiling_trains_the_sgd_region():
     model = make(dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="off",
+                          sample_fraction=1.0)
     lm.set_transition(1)
     before = clone_state(model)
     x = batch(dtype=torch.float64)
@@ -86,7 +87,8 @@ def test_optimizer_built_before_compiling_trains_the_sgd_region():
     assert torch.equal(after["bn1.weight"].detach(), before["bn1.weight"])
     y = F.conv2d(x, before["conv1.weight"], before["conv1.bias"], padding=1)
     geom = RefGeometry(x, before["conv1.weight"].shape, stride=(1, 1), pads=[(1, 1), (1, 1)], dilation=(1, 1))
-    assert_close(after["conv1.weight"].detach(), ref_new_weight("oja", before["conv1.weight"], geom, geom.flat(y), 0.05))
+    assert_close(after["conv1.weight"].detach(),
+                 ref_new_weight("oja", before["conv1.weight"], geom, geom.flat(y), 0.05))
     # SGD region: plain SGD steps
     for name in ("conv2.weight", "conv2.bias", "bn2.weight", "bn2.bias", "fc.weight", "fc.bias"):
         assert_close(after[name].detach(), before[name] - 0.1 * grads[name])
@@ -257,7 +259,8 @@ def _train_epoch(lm: LocalSGDModule, model: nn.Module, deltas: dict[str, float],
 
 def test_dynamic_schedule_moves_t_when_update_norms_say_so():
     model = make()
-    lm = compile_localsgd(model, schedule=Dynamic(alpha=0.3, shift=1, beta=0.9, warmup_epochs=1), example_inputs=(batch(),))
+    lm = compile_localsgd(model, schedule=Dynamic(alpha=0.3, shift=1, beta=0.9, warmup_epochs=1),
+                          example_inputs=(batch(),))
     assert _train_epoch(lm, model, {"conv1": 0.1, "conv2": 0.1, "fc": 0.1}) == 0       # warm-up epoch
     assert _train_epoch(lm, model, {"conv1": 0.1, "conv2": 0.1, "fc": 0.1}) == 0       # δ = W̄: keep
     g = lm.graph_module
@@ -467,7 +470,8 @@ def test_explain_mentions_the_bound(rule, saved_gemms):
     printed = []
     lm.explain(print_fn=printed.append)
     assert printed == [text]
-    unknown = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)       # no shapes yet: says so, does not guess
+    # no shapes yet: says so, does not guess
+    unknown = compile_localsgd(make(), schedule="manual", sample_fraction=1.0)
     assert "?" in unknown.explain(print_fn=None)
     unknown(batch())
     assert unknown.speed_bound == pytest.approx(1.0)

@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.steps import no_host_reads, small_net
 from localsgd_fx import compile_localsgd
 from localsgd_fx.capture import TrainStep, check_capturable
 from passes.errors import LocalSGDError
-
-from helpers.steps import no_host_reads, small_net
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

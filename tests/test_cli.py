@@ -36,7 +36,8 @@ def test_train_writes_metrics_plots_checkpoint_and_table(data_dir, tmp_path, cap
     for item in ("final test accuracy", "train time", "epochs", "final t", "local FLOP fraction", "speed bound",
                  str(out / "transition.png"), str(out / "accuracy_vs_time.png")):
         assert item in text
-    for name in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "transition.png", "accuracy_vs_time.png", "config.json"):
+    for name in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "transition.png", "accuracy_vs_time.png",
+                 "config.json"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["c1"] == 2
     # a second fresh run into the same --out is refused; --resume with another model names the mismatch
@@ -146,7 +147,8 @@ def test_bad_names_list_the_valid_ones(data_dir, tmp_path, capsys):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
-    assert main(["train", *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", *SMALL, "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "cifar" in err.lower() and "https://www.cs.toronto.edu/~kriz/cifar.html" in err
     assert "\n" not in err and "Traceback" not in err
@@ -162,7 +164,8 @@ def one_line_error(capsys, *needles: str) -> str:
 
 @pytest.mark.parametrize("argv, needles", [
     (["inspect", "--model", "smallcnn", "-t", "999"], ["transition 999 is out of range", "0..5"]),
-    (["inspect", "--model", "smallcnn", "--image-size", "0"], ["SmallCNN cannot run on the example inputs [(2, 3, 0, 0)]"]),
+    (["inspect", "--model", "smallcnn", "--image-size", "0"],
+     ["SmallCNN cannot run on the example inputs [(2, 3, 0, 0)]"]),
     (["bench", "step", "--model", "smallcnn", "--transitions", "-1"], ["transition -1 is out of range"]),
     (["bench", "step", "--batch-size", "0"], ["--batch-size must be a positive int, got 0"]),
     (["bench", "step", "--image-size", "0"], ["--image-size must be a positive int"]),
@@ -224,7 +227,8 @@ def test_bench_step_rows_follow_the_bound(tmp_path, capsys):
     (the times themselves are not checked: they depend on the machine)."""
     fraction, transitions = 0.5, [1, 2, 4]
     path = tmp_path / "step.json"
-    assert main(["bench", "step", "--model", "smallcnn", "--batch-size", "4", "--in-channels", "1", "--image-size", "16",
+    assert main(["bench", "step", "--model", "smallcnn", "--batch-size", "4", "--in-channels", "1",
+                 "--image-size", "16",
                  "--transitions", *map(str, transitions), "--repeats", "2", "--warmup", "1", "--sample-fraction",
                  str(fraction), "--device", "cpu", "--compile", "off", "--json", str(path)]) == 0
     text = capsys.readouterr().out

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from localsgd_fx.data import cifar, fashion_mnist
-from localsgd_fx.data import Batches, DatasetError, ImageDataset, list_datasets, load_dataset
+from localsgd_fx.data import Batches, DatasetError, ImageDataset, cifar, fashion_mnist, list_datasets, load_dataset
 
 REAL_FMNIST_DIR = fashion_mnist.FASHION_MNIST_SYSTEM_DIR  # captured before the fixture hides it
 TRAIN_IMG, TRAIN_LBL = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from helpers.state import without_measurements
 import localsgd_fx.distributed as ldist
 import models_zoo
+from helpers.state import without_measurements
 from localsgd_fx import DEFAULT_LOCAL_LR, compile_localsgd
+from localsgd_fx.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from localsgd_fx.data import Batches, ImageDataset
 from localsgd_fx.distributed import LocalSGDDataParallel, communication_per_step, local_weights, sgd_parameters
 from localsgd_fx.schedules import GradNorm, Plasticity
-from localsgd_fx.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from localsgd_fx.train import TrainConfig, Trainer, fit
 
 WORLD = 2
@@ -173,8 +173,8 @@ def _signals_part(shard: slice) -> dict:
             wrapper.observe_loss(loss.detach())
             wrapper.maybe_decide()
         wrapper.end_epoch()
-        out[type(schedule).__name__] = {"history": lm.history, "state": state(lm), "diff": wrapper.replica_max_abs_diff(),
-                                        "probe": lm.signals.probe}
+        out[type(schedule).__name__] = {"history": lm.history, "state": state(lm),
+                                        "diff": wrapper.replica_max_abs_diff(), "probe": lm.signals.probe}
     return out
 
 

@@ -38,8 +38,8 @@ from localsgd_fx.cost import speed_bound
 from localsgd_fx.metrics import format_table
 from localsgd_fx.ops import LOCAL_UPDATE
 from passes import LAYER_COLUMNS, find_layers, layer_rows, partition, rewrite, to_dot, trace
-from passes.partition import check_transition
 from passes.inspection import REGION_COLOURS
+from passes.partition import check_transition
 from passes.rewrite import PARTITION_META, ROLE_META, LocalUpdateSpec
 
 pytestmark = pytest.mark.single_thread
@@ -463,7 +463,8 @@ def test_zoo_model_matches_reference_and_saves_nothing_from_prefix(name):
         out, rec, saved = run_recording_saved(gm, x)
         assert_close(out, out_ref, msg=f"t={t} output")
         local = lm.layer_order.names[:t]
-        check_nothing_saved_from_prefix(gm, rec, saved, forbidden_tensors=[model.get_submodule(n).weight for n in local])
+        check_nothing_saved_from_prefix(gm, rec, saved,
+                                        forbidden_tensors=[model.get_submodule(n).weight for n in local])
         assert saved_bytes(saved) < bytes0, f"t={t}: saved {saved_bytes(saved)} >= {bytes0} bytes at t=0"
         del rec, saved
         (out * gout).sum().backward()
@@ -600,7 +601,8 @@ def test_to_dot_reads_node_roles_from_the_rewrite_meta_not_from_names():
     assert roles["conv1"] == "local_update" and roles["relu_detached"] == "crossing"
     assert sorted(r for r in roles.values() if r == "grad_mode") == ["grad_mode"] * 3
     assert roles["out_detached"] is None and roles["grad_enabled"] is None
-    lines = {line.split('"')[1]: line for line in to_dot(new).splitlines() if line.startswith('  "') and "->" not in line}
+    lines = {line.split('"')[1]: line for line in to_dot(new).splitlines()
+             if line.startswith('  "') and "->" not in line}
     assert REGION_COLOURS["local"] in lines["conv1"] and "penwidth" in lines["conv1"]
     assert REGION_COLOURS["crossing"] in lines["relu_detached"]
     for name in ("out_detached", "grad_enabled", "conv2"):

@@ -15,8 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from helpers.hypothesis_profile import examples
-from helpers.references import (CallRecorder, RefGeometry, RefTransposedGeometry, filter_major, im2col,
-                                ref_new_weight)
+from helpers.references import CallRecorder, RefGeometry, RefTransposedGeometry, filter_major, im2col, ref_new_weight
 from localsgd_fx import LocalRule, LocalSGDError, compile_localsgd, list_rules, register_rule
 from localsgd_fx.ops import LOCAL_UPDATE
 from localsgd_fx.rules import Freeze, Hebbian, Oja, SoftHebb, get_rule, make_rule
@@ -355,7 +354,8 @@ def test_user_rule_through_compile_localsgd_by_name():
 def test_rule_instance_with_parameters_and_zero_gemm_rule():
     model = _tiny_net()
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    lm = compile_localsgd(model, rule=SoftHebb(tau=0.3), schedule="manual", local_lr=0.2, weak_supervision="off", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule=SoftHebb(tau=0.3), schedule="manual", local_lr=0.2, weak_supervision="off",
+                          sample_fraction=1.0)
     lm.set_transition(1)
     assert repr(SoftHebb(tau=0.3)) in lm.graph_module.code
     w_old = model[0].weight.detach().clone()

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.steps import no_host_reads, small_net
+from helpers.steps import one_step as step
 from localsgd_fx import compile_localsgd
 from localsgd_fx.schedules import GradNorm, Plasticity
 from passes.errors import LocalSGDError
-
-from helpers.steps import no_host_reads, small_net
-from helpers.steps import one_step as step
 
 
 def batches(n: int, seed: int = 0, size: int = 8):
@@ -122,7 +121,8 @@ def test_gradnorm_skips_non_finite_gradients():
     assert lm.schedule.log_stats()["value"] == pytest.approx(sum(norms) / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("schedule", [Plasticity(decide_every=4), GradNorm(decide_every=4)], ids=["plasticity", "gradnorm"])
+@pytest.mark.parametrize("schedule", [Plasticity(decide_every=4), GradNorm(decide_every=4)],
+                         ids=["plasticity", "gradnorm"])
 def test_signals_add_no_host_read_to_the_step(schedule):
     torch.manual_seed(0)
     lm = compile_localsgd(small_net(), schedule=schedule, compile="off")

@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.steps import no_host_reads, one_step, small_net
 from localsgd_fx import DEFAULT_RULE, Dynamic, compile_localsgd
 from localsgd_fx.data import ImageDataset
 from localsgd_fx.runtime import AutoCompile, compile_mode
 from localsgd_fx.train import TrainConfig, Trainer
-
-from helpers.steps import no_host_reads, one_step, small_net
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -214,7 +213,8 @@ def test_auto_compiles_when_the_saving_pays_and_keeps_a_faster_graph(clock):
     assert decision.expected_saving_s == pytest.approx(10_000 * 0.010 * (1 - AutoCompile.PRIOR_RATIO["cuda"]))
     drive(policy, clock, 3, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.005)
     assert decision.compiled_ms == pytest.approx(5.0) and decision.compile_s == pytest.approx(20.0)
-    assert policy.ratio == pytest.approx(0.5) and policy.compile_s == pytest.approx(20.0)   # measured replaces the priors
+    # measured replaces the priors
+    assert policy.ratio == pytest.approx(0.5) and policy.compile_s == pytest.approx(20.0)
     assert drive(policy, clock, 3, 5, 0.005) == ["compiled"] * 5
 
 
@@ -224,7 +224,7 @@ def test_auto_falls_back_when_the_compiled_graph_is_not_faster(clock):
     drive(policy, clock, 1, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.0101)
     assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
     assert drive(policy, clock, 1, 3, 0.010) == ["eager"] * 3
-    policy.reconsider(1, epoch=0, expected_steps=10_000)                      # a graph measured slower is not tried again
+    policy.reconsider(1, epoch=0, expected_steps=10_000)  # a graph measured slower is not tried again
     assert [d.choice for d in policy.decisions] == ["compile", "fallback"]
     # the next transition is judged with the measured ratio (no saving) instead of the prior
     drive(policy, clock, 2, AutoCompile.WARMUP + AutoCompile.WINDOW + 1, 0.010)
@@ -277,7 +277,8 @@ def test_expected_steps_at_transition():
 
 
 def test_compile_vocabulary():
-    assert [compile_mode(v) for v in (True, False, "auto", "reduce-overhead")] == ["on", "off", "auto", "reduce-overhead"]
+    assert ([compile_mode(v) for v in (True, False, "auto", "reduce-overhead")]
+            == ["on", "off", "auto", "reduce-overhead"])
     with pytest.raises(ValueError, match="compile must be one of"):
         compile_mode("yes")
 

@@ -129,7 +129,8 @@ def test_state_round_trips_through_state_dict(mode, first, second):
 def test_local_update_of_step_s_uses_the_rate_from_losses_before_s():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="sign", sample_fraction=1.0)
+    lm = compile_localsgd(model, rule="oja", schedule="manual", local_lr=0.05, weak_supervision="sign",
+                          sample_fraction=1.0)
     lm.set_transition(1)
     graph = lm.graph_module
     losses = [2.0, 3.0, 1.0, float("nan"), 4.0, 0.5]

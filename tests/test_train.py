@@ -10,28 +10,27 @@ import copy
 import csv
 import hashlib
 import json
+import math
+import random
 import socket
 import subprocess
 import sys
-import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from localsgd_fx import LocalSGDError
 from helpers.devices import DEVICES
 from helpers.references import reference_rates
 from helpers.state import assert_same_rng_state, without_measurements
-from localsgd_fx.checkpoint import (CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint,
-                                    save_checkpoint)
+from localsgd_fx import LocalSGDError
+from localsgd_fx.checkpoint import CHECKPOINT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from localsgd_fx.cost import speed_bound
 from localsgd_fx.data import DatasetError
 from localsgd_fx.lock import LOCK_NAME, RunFolderBusy
 from localsgd_fx.metrics import COLUMNS
-from localsgd_fx.train import STEP_GAMMA, STEP_MILESTONES, Callback, ConfigError, Trainer, TrainConfig, fit
-from localsgd_fx.cost import speed_bound
+from localsgd_fx.train import STEP_GAMMA, STEP_MILESTONES, Callback, ConfigError, TrainConfig, Trainer, fit
 
 pytestmark = pytest.mark.single_thread
 
@@ -358,9 +357,11 @@ def test_bad_config_values_are_named():
         TrainConfig(schedule="quadratic", alpha=0.2).validate()
     with pytest.raises(ConfigError, match="--threshold is an option of the plasticity/gradnorm schedule"):
         TrainConfig(schedule="dynamic", threshold=0.2).validate()
-    with pytest.raises(ConfigError, match="--probe-size is an option of the plasticity schedule, not of schedule 'gradnorm'"):
+    with pytest.raises(ConfigError,
+                       match="--probe-size is an option of the plasticity schedule, not of schedule 'gradnorm'"):
         TrainConfig(schedule="gradnorm", probe_size=8).validate()
-    with pytest.raises(ConfigError, match=r"--decide-every must be an int >= 1 \(training steps\) or a float in \(0, 1\]"):
+    with pytest.raises(ConfigError,
+                       match=r"--decide-every must be an int >= 1 \(training steps\) or a float in \(0, 1\]"):
         TrainConfig(schedule="gradnorm", decide_every=1.5).validate()
     with pytest.raises(ValueError, match="unknown model 'nope'.*resnet20"):
         TrainConfig(model="nope").validate()

@@ -31,8 +31,14 @@ import os
 from .batches import Batches
 from .cifar import CIFAR_URL, load_cifar
 from .dataset import DATA_ENV, DatasetError, ImageDataset, cache_dir
-from .fashion_mnist import (FASHION_MNIST_MD5, FASHION_MNIST_RAW_MD5, FASHION_MNIST_SYSTEM_DIR, FASHION_MNIST_URL,
-                            FASHION_MNIST_URL_ENV, load_fashion_mnist)
+from .fashion_mnist import (
+    FASHION_MNIST_MD5,
+    FASHION_MNIST_RAW_MD5,
+    FASHION_MNIST_SYSTEM_DIR,
+    FASHION_MNIST_URL,
+    FASHION_MNIST_URL_ENV,
+    load_fashion_mnist,
+)
 
 __all__ = [
     "DatasetError",

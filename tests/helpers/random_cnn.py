@@ -228,7 +228,8 @@ def transitions(n_layers: int) -> st.SearchStrategy[int]:
     if n_layers == 0:
         return st.just(0)
     # t = 0 last: hypothesis favours the first element of a sampled_from (its "simplest" value)
-    return st.sampled_from(range(10)).flatmap(lambda k: st.just(0) if k == 9 else st.sampled_from(range(1, n_layers + 1)))
+    return st.sampled_from(range(10)).flatmap(
+        lambda k: st.just(0) if k == 9 else st.sampled_from(range(1, n_layers + 1)))
 
 
 class RandomNet(nn.Module):

@@ -85,12 +85,12 @@ class RefGeometry:
         """``<post ⊗ X>`` averaged over rows (linear) or batch x positions (conv); ``post`` flat."""
         if self.linear:
             return torch.einsum("ro,ri->oi", post, self.cols) / post.shape[0]
-        n, o, l = post.shape
+        n, o, length = post.shape
         g = self.groups
         ck, og = self.cols.shape[1] // g, o // g
         parts = [torch.einsum("nol,nkl->ok", post[:, i * og:(i + 1) * og], self.cols[:, i * ck:(i + 1) * ck])
                  for i in range(g)]
-        return torch.cat(parts, 0).reshape(self.weight_shape) / (n * l)
+        return torch.cat(parts, 0).reshape(self.weight_shape) / (n * length)
 
     def channel_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Per-output-channel mean of a flat tensor, shaped to broadcast against the weight."""

@@ -19,8 +19,8 @@ def assert_same_rng_state(a: dict, b: dict, where: str = "") -> None:
     assert torch.equal(a["torch"], b["torch"]), f"{where}: torch RNG states differ"
     if "cuda" in a:
         assert all(torch.equal(x, y) for x, y in zip(a["cuda"], b["cuda"])), f"{where}: CUDA RNG states differ"
-    assert (a["python"][0], tuple(a["python"][1]), a["python"][2]) == (b["python"][0], tuple(b["python"][1]), b["python"][2]), \
-        f"{where}: Python RNG states differ"
+    assert ((a["python"][0], tuple(a["python"][1]), a["python"][2])
+            == (b["python"][0], tuple(b["python"][1]), b["python"][2])), f"{where}: Python RNG states differ"
     na, nb = a["numpy"], b["numpy"]
     assert torch.equal(na["keys"], nb["keys"]) and {k: v for k, v in na.items() if k != "keys"} == \
         {k: v for k, v in nb.items() if k != "keys"}, f"{where}: numpy RNG states differ"
