@@ -223,3 +223,17 @@ def test_measuring_shapes_changes_no_buffer_and_no_random_state(name):
     assert torch.equal(torch.get_rng_state(), rng)
     assert_close(dict(model.named_buffers()), buffers, rtol=0, atol=0)
     assert model.training and gm.training
+
+
+def test_a_leaf_container_holding_layers_bounds_the_prefix_and_stays_out_of_it():
+    # a submodule kept opaque (here by leaf_modules) whose conv the graph cannot see: its conv learns by SGD, so
+    # neither the call nor a layer behind it may join a prefix (the layer would sit outside it, frozen)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()), nn.Conv2d(4, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    gm = trace(model, leaf_modules=("1",))
+    order = find_layers(gm)
+    assert order.names == ["0", "2", "5"] and order.local_limit == 1
+    block = next(n.name for n in gm.graph.nodes if n.op == "call_module" and n.target == "1")
+    assert block not in partition(gm, order, 1).prefix
+    with pytest.raises(LocalSGDError, match="stays on SGD"):
+        partition(gm, order, 2)
