@@ -26,6 +26,7 @@ _EXPORTS = {
     "DEFAULT_RULE": "localsgd_fx.api",
     "DEFAULT_LOCAL_LR": "localsgd_fx.api",
     "DEFAULT_SAMPLE_FRACTION": "localsgd_fx.api",
+    "TrainStep": "localsgd_fx.capture",
     "LocalRule": "localsgd_fx.rules",
     "register_rule": "localsgd_fx.rules",
     "list_rules": "localsgd_fx.rules",
