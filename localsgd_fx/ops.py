@@ -18,14 +18,13 @@ The update is the vector-Jacobian product of ``W ↦ layer(x, W)`` (``torch.func
 under the prefix's ``no_grad``) pulled back at the rule's cotangent: one mechanism for every layer kind
 the functionals below cover, so no rule has per-kind code. GEMM count per local layer and step:
 
-- ``sample_fraction == 1``: the layer output *is* the ``vjp`` call's output: one forward GEMM, one
-  update GEMM (the pullback).
-- ``sample_fraction < 1`` (``k = ceil(f·N)`` rows): the forward is split, ``vjp`` over the first ``k``
-  rows and a plain forward over the rest, then concatenated: still one forward GEMM's worth of work
-  (in two calls) plus one update GEMM on ``k`` rows; the price is one copy of the output (the ``cat``).
-  The alternative, a full forward plus ``vjp`` of a second forward on ``k`` rows, costs ``f`` forward
-  GEMMs more; measured slower on the CPU. The split still costs an eager CPU step at f = 0.25 ~20 %
-  against the former direct weight-gradient call (docs/RESULTS.md, "The local update through torch.func").
+- eager (the usual CPU step, and the steps a CUDA graph records): one full-batch forward, and the pullback
+  torch.func derives for the layer, traced once per geometry, shapes and dtype with its dead forward removed
+  (:func:`_traced_pullback`): one forward GEMM, one update GEMM on the sample, no ``torch.func`` overhead per
+  call (it cost an eager CPU step ~20 % at f = 0.25; docs/RESULTS.md, "The local update through torch.func").
+- compiled (dynamo traces ``vjp``): ``sample_fraction == 1``: the layer output *is* the ``vjp`` call's output;
+  ``< 1`` (``k = ceil(f·N)`` rows): the forward is split, ``vjp`` over the first ``k`` rows and a plain
+  forward over the rest, then concatenated (one forward GEMM's worth in two calls, plus one copy).
 - fp16: the update GEMM sums ``N·H·W`` products into fp16 (max 65504), so both operands are scaled by
   ``~count**-0.5`` (a power of two): the pullback runs from its own forward over ``x[:k]·s`` and the
   layer output comes from a plain forward, ``f`` forward GEMMs more (only in fp16).
@@ -136,7 +135,18 @@ def _update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, local_ru
         return layer_forward(inp, w, bias, stride, padding, dilation, groups, output_padding)
 
     xs, scale = (x if keep == x.shape[0] else x[:keep]), 1.0
-    if _runs_in_fp16(x, weight):
+    if not torch.compiler.is_compiling() and not _runs_in_fp16(x, weight):
+        # eager: one full forward, and the pullback torch.func derives for this layer and shape, traced once
+        # (its forward is dead code there, so only the update GEMM runs)
+        y = forward(x, weight)
+        ys = y[:keep]
+        traced = _traced_pullback(xs, ys, weight, stride, padding, dilation, groups, output_padding)
+        weight_c = weight.to(ys.dtype)
+        xs_c = xs.to(ys.dtype)
+
+        def pull(p: Tensor) -> tuple[Tensor]:
+            return (traced(xs_c, p, weight_c),)
+    elif _runs_in_fp16(x, weight):
         # both GEMM operands scaled by ~count**-0.5: a separate forward of the sample feeds the pullback
         y = forward(x, weight)
         scale = _fp16_scale(y[:keep].numel() // (y.shape[-1] if weight.dim() == 2 else max(y.shape[1], 1)))
@@ -162,6 +172,35 @@ def _update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, local_ru
         nonfinite[layer_index] += (~finite).to(nonfinite.dtype)
     weight.copy_(new)
     return y
+
+
+_PULLBACKS: dict[tuple, torch.fx.GraphModule] = {}
+
+
+def _traced_pullback(xs: Tensor, ys: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, output_padding: list[int] | None) -> torch.fx.GraphModule:
+    """``(x, p, w) -> (∂ layer(x, W)/∂W at w)ᵀ p``: ``torch.func.vjp``'s pullback of the layer, traced once per layer
+    geometry, shapes and dtype (on fake tensors: nothing runs) with the dead forward removed. Called eagerly, it
+    is the one weight-gradient kernel, without the ~165 us of ``torch.func`` per call or a forward of the sample.
+    The inputs come in the cotangent's dtype (the autocast dtype of the forward), so autocast is not traced."""
+    key = (tuple(xs.shape), tuple(ys.shape), tuple(weight.shape), ys.dtype, xs.device, tuple(stride), tuple(padding),
+           tuple(dilation), groups, None if output_padding is None else tuple(output_padding))
+    traced = _PULLBACKS.get(key)
+    if traced is None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def pullback(x_: Tensor, p: Tensor, w: Tensor) -> Tensor:
+            _, pull = torch.func.vjp(
+                lambda w2: layer_forward(x_, w2, None, stride, padding, dilation, groups, output_padding), w)
+            return pull(p)[0]
+
+        dtype = ys.dtype
+        with torch.autocast(xs.device.type, enabled=False):
+            traced = make_fx(pullback, tracing_mode="fake")(xs.to(dtype), ys, weight.to(dtype))
+        traced.graph.eliminate_dead_code()
+        traced.recompile()
+        _PULLBACKS[key] = traced
+    return traced
 
 
 def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:

@@ -311,3 +311,18 @@ def test_layer_module_called_with_extra_arguments_behind_a_local_layer_stays_sgd
     assert "up" not in lm.graph_module.meta["localsgd_partition"].prefix
     lm(torch.randn(2, 1, 8, 8)).sum().backward()
     assert model.down.weight.grad is None and model.up.weight.grad is not None
+
+
+def test_the_eager_update_runs_torch_funcs_pullback_without_its_forward():
+    """Eager, the pullback torch.func derives is traced once per layer geometry and shape with its forward removed:
+    the update is the weight-gradient kernel alone, and the same graph serves the next call."""
+    from localsgd_fx.ops import _PULLBACKS, _traced_pullback
+
+    x, w = torch.randn(8, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    y = torch.nn.functional.conv2d(x, w, None, [1], [1])
+    traced = _traced_pullback(x, y, w, [1, 1], [1, 1], [1, 1], 1, None)
+    ops = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.convolution_backward.default in ops and torch.ops.aten.convolution.default not in ops
+    assert _traced_pullback(x, y, w, [1, 1], [1, 1], [1, 1], 1, None) is traced and traced in _PULLBACKS.values()
+    expected = torch.func.vjp(lambda v: torch.nn.functional.conv2d(x, v, None, [1], [1]), w)[1](y)[0]
+    torch.testing.assert_close(traced(x, y, w), expected)
