@@ -132,12 +132,7 @@ def test_train_mode_after_a_submodule_eval_equals_original_at_t0(submodule):
     out_ref = ref(x)
     out = lm(x)
     assert_close(out, out_ref)
-    out_ref.sum().backward()
-    out.sum().backward()
-    ref_grads = grads(ref)
-    for name, p in model.named_parameters():
-        assert_close(p.grad, ref_grads[name], msg=lambda m: f"gradient of {name}: {m}")
-    assert_close(dict(model.named_buffers()), dict(ref.named_buffers()))
+    _backward_matches(model, out, ref, out_ref, torch.ones_like(out))
 
 
 def test_train_mode_follows_a_fused_bn_set_back_to_train():
@@ -152,6 +147,16 @@ def test_train_mode_follows_a_fused_bn_set_back_to_train():
 
 
 # ------------------------------------------------------------------------- submodules kept opaque
+def _backward_matches(model, out, ref, out_ref, gout) -> None:
+    """Back-propagate ``gout`` through both outputs: every gradient and buffer of ``model`` equals ``ref``'s."""
+    (out_ref * gout).sum().backward()
+    (out * gout).sum().backward()
+    ref_grads = grads(ref)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_grads[name], msg=lambda m: f"gradient of {name}: {m}")
+    assert_close(dict(model.named_buffers()), dict(ref.named_buffers()))
+
+
 @pytest.mark.parametrize("name", sorted(UNTRACEABLE))
 def test_untraceable_submodule_is_kept_opaque_and_its_conv_trains_by_sgd_at_every_t(name):
     model, x = build_quirk(name, batch=8)
@@ -183,12 +188,7 @@ def test_untraceable_submodule_model_equals_original_at_t0(name):
     out = lm(x)
     assert_close(out, out_ref)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
-    (out_ref * gout).sum().backward()
-    (out * gout).sum().backward()
-    ref_grads = grads(ref)
-    for pname, p in model.named_parameters():
-        assert_close(p.grad, ref_grads[pname], msg=lambda m: f"gradient of {pname}: {m}")
-    assert_close(dict(model.named_buffers()), dict(ref.named_buffers()))
+    _backward_matches(model, out, ref, out_ref, gout)
 
 
 def test_untraceable_submodule_named_in_leaf_modules_compiles_silently():
