@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
-__all__ = ["EpochStats", "Schedule", "Static", "Dynamic", "Plasticity", "GradNorm", "PolicySchedule", "PlainSGD",
+__all__ = ["EpochStats", "Schedule", "Static", "Dynamic", "Budget", "plan_budget", "Plasticity", "GradNorm", "PolicySchedule", "PlainSGD",
            "Manual", "make_schedule", "state_field", "SCHEDULE_NAMES"]
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +79,12 @@ PLASTICITY_DEFAULT_PROBE_SIZE: int = 64
 #: THRESHOLD on PATIENCE checks in a row.
 GRADNORM_DEFAULT_THRESHOLD: float = 0.1
 GRADNORM_DEFAULT_PATIENCE: int = 2
+#: Budget: BUDGET - the fraction of the run's layer-FLOP-epochs that are local; MAX_SHARE - the most of the layer
+#: FLOPs the local prefix may hold (the deepest layers stay on SGD); START - no layer is local before this fraction
+#: of the run.
+BUDGET_DEFAULT_BUDGET: float = 0.25
+BUDGET_DEFAULT_MAX_SHARE: float = 0.5
+BUDGET_DEFAULT_START: float = 0.25
 
 _STATIC_KINDS: tuple[str, ...] = ("linear", "quadratic", "exponential")
 
@@ -617,6 +623,98 @@ class Dynamic(_Shifting):
         return self._step(t, move)  # line 2 / line 4
 
 
+# -- Budget ------------------------------------------------------------------------------------
+def plan_budget(shares: list[float], max_local: int, total_epochs: int, budget: float, max_share: float,
+                start: float) -> list[int]:
+    """The transition of every epoch (index 0 .. ``total_epochs - 1``) of a :class:`Budget` plan.
+
+    ``t_cap`` is the longest prefix (at most ``max_local`` layers) holding at most ``max_share`` of the layer FLOPs;
+    no epoch before ``ceil(start * total_epochs)`` (and never epoch 0) has a local layer. Epochs are filled from
+    the last one backwards with ``t_cap`` while the local FLOP-epochs stay short of ``budget * total_epochs``;
+    the epoch where the plan begins gets the smallest ``t`` that completes the budget. The plan never decreases.
+
+    Example::
+
+        >>> plan_budget([0.25] * 4, max_local=3, total_epochs=8, budget=0.2, max_share=0.5, start=0.25)
+        [0, 0, 0, 0, 1, 2, 2, 2]
+    """
+    cum = [0.0]
+    for share in shares:
+        cum.append(cum[-1] + share)
+    eps = 1e-9   # shares sum in floating point: a prefix of exactly max_share must count as inside it
+    t_cap = max(t for t in range(max_local + 1) if cum[t] <= max_share + eps)
+    first = max(1, math.ceil(start * total_epochs - eps))
+    plan = [0] * total_epochs
+    need = budget * total_epochs
+    for epoch in range(total_epochs - 1, first - 1, -1):
+        if need <= eps or t_cap == 0:
+            break
+        t = t_cap if need >= cum[t_cap] - eps else next(t for t in range(1, t_cap + 1) if cum[t] >= need - eps)
+        plan[epoch] = t
+        need -= cum[t]
+    return plan
+
+
+@_schedule
+class Budget(Schedule):
+    """A planned schedule: ``budget`` of the run's layer-FLOP-epochs local, spent as late as the run allows.
+
+    At the first decision, knowing the layers' FLOP shares (``stats.flop_shares``; equal shares when the FLOPs are
+    unknown) and the run length, it plans the transition of every epoch (:func:`plan_budget`): the local prefix
+    never holds more than ``max_share`` of the layer FLOPs (the deepest layers, which settle last, stay on SGD),
+    nothing turns local before ``start`` of the run, and the local FLOP-epochs are spent from the last epoch
+    backwards, where the learning rate is low and the layers have settled. Every later decision reads the plan.
+
+    The moves depend on nothing measured during training (not the update norms, not the learning-rate schedule):
+    the same options give a deeper net the same share of its FLOPs local, at the same point of the run, and a
+    long run the same share of its epochs. ``budget`` sets the speed: the GEMM model's step bound per epoch is
+    ``3 / (3 - 2p)`` for freezing a FLOP share ``p`` (:func:`localsgd_fx.cost.speed_bound`); a budget the cap and
+    ``start`` cannot hold is spent as far as they allow (``planned`` says how much).
+
+    Args:
+        budget: fraction of the layer-FLOP-epochs that are local over the run, in ``(0, 1)``.
+        max_share: most of the layer FLOPs the local prefix may hold, in ``(0, 1]``.
+        start: fraction of the run before which no layer is local, in ``[0, 1)``.
+        total_epochs: the run length; if ``None``, taken from :meth:`bind` (the constructor's value wins).
+
+    :meth:`log_stats`: ``{"planned"}``, the local FLOP-epoch fraction of the plan.
+
+    Example::
+
+        >>> s = Budget(budget=0.2, max_share=0.5, start=0.25, total_epochs=8)
+        >>> stats = lambda e, t: EpochStats(e, t, 4, 3, {}, flop_shares=[0.25] * 4)
+        >>> [s.select(stats(e, 0)) for e in range(1, 8)]   # the t of epochs 1 .. 7 (epoch 0 is plain SGD)
+        [0, 0, 0, 1, 2, 2, 2]
+    """
+
+    budget: float = _option(BUDGET_DEFAULT_BUDGET, _real("(0, 1)", lambda v: 0.0 < v < 1.0))
+    max_share: float = _option(BUDGET_DEFAULT_MAX_SHARE, _real("(0, 1]", lambda v: 0.0 < v <= 1.0))
+    start: float = _option(BUDGET_DEFAULT_START, _real("[0, 1)", lambda v: 0.0 <= v < 1.0))
+    total_epochs: int | None = _option(None, _optional(_int(1)))
+    plan: list[int] | None = state_field()     # t of every epoch, made at the first decision
+    last: dict[str, float] = state_field(factory=dict, stats=True)
+
+    def bind(self, num_layers: int, max_local: int, total_epochs: int | None = None) -> None:
+        super().bind(num_layers, max_local, self.total_epochs or total_epochs)   # the constructor's value wins
+
+    def _resolve(self) -> None:
+        if self.total_epochs is None:
+            raise ValueError("Budget schedule needs the run length: pass total_epochs to Budget(...) or to "
+                             "compile_localsgd / bind (it plans every epoch of the run)")
+
+    def propose(self, stats: EpochStats) -> int:
+        self._bind_from(stats)
+        assert self.num_layers is not None and self.max_local is not None and self.total_epochs is not None
+        if self.plan is None:
+            shares = stats.flop_shares or [1.0 / self.num_layers] * self.num_layers
+            self.plan = plan_budget(list(shares), self.max_local, self.total_epochs, self.budget, self.max_share,
+                                    self.start)
+            cum = [sum(shares[:t]) for t in range(self.num_layers + 1)]
+            self.last = {"planned": sum(cum[t] for t in self.plan) / self.total_epochs}
+        # the epoch about to start is stats.epoch (0-based); past the run's end the last epoch's t holds
+        return self.plan[min(int(stats.epoch), self.total_epochs - 1)]
+
+
 # -- Signal schedules: plasticity (Egeria) and gradient-norm change (AutoFreeze) --------------
 @_schedule
 class _SignalSchedule(_Shifting):
@@ -889,7 +987,7 @@ def make_schedule(spec: Any, **kwargs: Any) -> Schedule:
 
 
 _SHORTHANDS: dict[str, Callable[..., Schedule]] = {
-    "dynamic": Dynamic, "plasticity": Plasticity, "gradnorm": GradNorm,
+    "dynamic": Dynamic, "budget": Budget, "plasticity": Plasticity, "gradnorm": GradNorm,
     "static": functools.partial(Static, "quadratic"),
     **{kind: functools.partial(Static, kind) for kind in ("quadratic", "linear", "exponential")},
     "sgd": PlainSGD, "none": PlainSGD, "manual": Manual}

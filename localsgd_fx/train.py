@@ -149,7 +149,8 @@ class TrainConfig:
 
     ``schedule="sgd"`` is plain SGD (the rule is then irrelevant); ``rule="freeze"`` is the
     freeze baseline (FreezeOut/AutoFreeze) driven by the chosen schedule. ``alpha``/``shift``
-    tune the dynamic schedule, ``c1``/``c2`` the static ones, ``threshold``/``shift``/``patience``/
+    tune the dynamic schedule, ``budget``/``max_share``/``start`` the budget one, ``c1``/``c2`` the static ones,
+    ``threshold``/``shift``/``patience``/
     ``decide_every`` (and ``probe_size``) the plasticity and gradnorm ones (``None``: the schedule's
     defaults, :mod:`localsgd_fx.schedules`); an int ``shift``/``c1`` counts layers, a float in (0, 1)
     is a fraction of the layers; an int ``c2`` is an epoch, a float a fraction of the epochs; an int
@@ -187,6 +188,9 @@ class TrainConfig:
                                      type=_int_or_float)
     c2: int | float | None = setting(None, "static: epoch (int) or fraction of the epochs where local starts",
                                      type=_int_or_float)
+    budget: float | None = setting(None, "budget: fraction of the run's layer-FLOP-epochs that are local", type=float)
+    max_share: float | None = setting(None, "budget: most of the layer FLOPs the local prefix may hold", type=float)
+    start: float | None = setting(None, "budget: no layer is local before this fraction of the run", type=float)
     threshold: float | None = setting(None, "plasticity: move when the probe output's change < threshold * its "
                                             "running average; gradnorm: move when the gradient norm's relative change "
                                             "< threshold", type=float)
@@ -228,7 +232,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in ("lr", "momentum", "weight_decay", "local_lr", "sample_fraction", "alpha", "shift", "c1", "c2"):
+        for name in ("lr", "momentum", "weight_decay", "local_lr", "sample_fraction", "alpha", "shift", "c1", "c2",
+                     "budget", "max_share", "start"):
             value = getattr(self, name)   # inf/nan pass the range checks below (and inf > 0)
             need(value is None or (isinstance(value, (int, float)) and math.isfinite(value)),
                  f"{name} must be a finite number, got {value!r}")
@@ -306,6 +311,7 @@ def _pos_int(value: Any) -> bool:
 #: schedule -> the TrainConfig fields that are its options
 SCHEDULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "dynamic": ("alpha", "shift", "per_lr"),
+    "budget": ("budget", "max_share", "start"),
     "plasticity": ("threshold", "shift", "patience", "decide_every", "probe_size"),
     "gradnorm": ("threshold", "shift", "patience", "decide_every"),
     **{kind: ("c1", "c2") for kind in ("static", "quadratic", "linear", "exponential")},
