@@ -1,7 +1,7 @@
 """localsgd_fx: LoCal+SGD (selective localized learning) as a torch.fx compiler pass.
 
     >>> from localsgd_fx import compile_localsgd
-    >>> model = compile_localsgd(model, schedule="dynamic")
+    >>> model = compile_localsgd(model, total_epochs=8)
 
 Names are imported lazily: importing the package does not import torch, so the line below runs
 before torch (and its OpenMP runtime) is loaded, for the ``localsgd`` command, ``python -m
@@ -31,6 +31,7 @@ _EXPORTS = {
     "register_rule": "localsgd_fx.rules",
     "list_rules": "localsgd_fx.rules",
     "Dynamic": "localsgd_fx.schedules",
+    "Budget": "localsgd_fx.schedules",
     "Static": "localsgd_fx.schedules",
     "Plasticity": "localsgd_fx.schedules",
     "GradNorm": "localsgd_fx.schedules",

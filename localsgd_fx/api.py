@@ -29,7 +29,7 @@ from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import compile_mode
-from .schedules import PLASTICITY_DEFAULT_PROBE_SIZE, Dynamic, PolicySchedule, Schedule, make_schedule
+from .schedules import DEFAULT_SCHEDULE, PLASTICITY_DEFAULT_PROBE_SIZE, Dynamic, PolicySchedule, Schedule, make_schedule
 from .signals import SignalMeter, UpdateNorms
 from .supervision import WeakSupervision
 
@@ -85,7 +85,7 @@ class LocalSGDModule(nn.Module):
         self._flops_pending = order.layers[0].flops is None   # FLOPs are known for all layers or none
         # submodules whose traced code branched on their mode: a step checks their flags (a zoo ResNet has none)
         self.__dict__["_mode_watch"] = mode_watch(traced, model)
-        # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.3)
+        # the transition layer's boundary signals, for the schedules that read them (docs/DESIGN.md §4.4)
         probe_size = getattr(schedule, "probe_size", PLASTICITY_DEFAULT_PROBE_SIZE)
         self.signals = SignalMeter(self, traced, order, schedule.signals, probe_size) if schedule.signals else None
         # plain attributes, not submodules: they share the model's modules
@@ -398,7 +398,7 @@ _READS_UPDATE_NORMS = (Dynamic, PolicySchedule)
 
 
 def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE,
-                     schedule: str | Schedule | Callable = "dynamic",
+                     schedule: str | Schedule | Callable = DEFAULT_SCHEDULE,
                      local_lr: float = DEFAULT_LOCAL_LR, weak_supervision: str = "sign",
                      example_inputs: tuple | None = None, compile: bool | str = "auto", max_local: int | None = None,
                      leaf_modules: Iterable[str | type] = (), inplace: bool = False, total_epochs: int | None = None,
@@ -411,7 +411,9 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE,
         rule: ``"freeze"`` (default: the prefix is not updated at all), ``"hebbian"`` (the paper's rule),
             ``"oja"``, ``"softhebb"``, or a :class:`~localsgd_fx.rules.LocalRule` instance. Freeze is the
             default because it was as accurate and faster in our measurements (docs/RESULTS.md).
-        schedule: ``"dynamic"`` (default), ``"plasticity"``, ``"gradnorm"``, ``"quadratic"``/``"static"``,
+        schedule: ``"budget"`` (default: a planned share of the run's layer-FLOP-epochs local, as late as the
+            run allows; it needs ``total_epochs``), ``"dynamic"`` (the paper's Algorithm 1), ``"plasticity"``,
+            ``"gradnorm"``, ``"quadratic"``/``"static"``,
             ``"linear"``, ``"exponential"``, ``"manual"`` (you call ``set_transition``), ``"sgd"``, a
             :class:`~localsgd_fx.schedules.Schedule`, or a callable ``policy(epoch, stats) -> t``. A schedule
             built with ``decide_every=K`` (plasticity, gradnorm) decides in :meth:`~LocalSGDModule.maybe_decide`.
@@ -430,7 +432,8 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE,
             A submodule that fails to trace is kept opaque anyway, with one warning naming it.
         strict: raise :class:`LocalSGDError` instead when a submodule fails to trace.
         inplace: also make ``model(...)`` itself run the LoCal+SGD forward.
-        total_epochs: the run length, needed by static schedules.
+        total_epochs: the run length (the epochs you train), needed by the budget schedule (the default) and the
+            static ones.
         sample_fraction: compute each local update from this fraction of the batch (a random
             subset, at least one sample; 1.0 = the whole batch, deterministic).
         check_finite: refuse non-finite local updates: the weight keeps its value, a device-side counter
@@ -442,7 +445,7 @@ def compile_localsgd(model: nn.Module, *, rule: str | LocalRule = DEFAULT_RULE,
 
     Example::
 
-        >>> model = compile_localsgd(models_zoo.get_model("resnet20"), schedule="dynamic")
+        >>> model = compile_localsgd(models_zoo.get_model("resnet20"), total_epochs=8)
         >>> loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); model.observe_loss(loss)
         >>> model.maybe_decide()   # after each step (only schedules deciding every K steps use it)
         >>> model.end_epoch()      # once per epoch

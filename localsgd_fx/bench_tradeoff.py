@@ -1,14 +1,15 @@
 """``localsgd bench tradeoff``: the time/accuracy trade-off of LoCal+SGD against its baselines.
 
-What it measures: five arms trained side by side on the same data, seeds, epochs and SGD
-hyperparameters - plain SGD; the freeze rule (the library's default rule) with the dynamic schedule
-(Algorithm 1) at its defaults (alpha 0.3, 10 % of the layers per move); LoCal+SGD with the paper's
-hebbian rule on that same schedule; and both again with the ``fast`` preset (alpha 0.5, 15 % per move). ``--arms`` also
-offers the ``fastest`` preset (alpha 0.5, 25 %) and the signal schedules ``plasticity`` (Egeria)
-and ``gradnorm`` (AutoFreeze) at their defaults, deciding every quarter of an epoch. Each LoCal (hebbian) arm has
-a freeze twin on the same schedule, which answers "why a local rule at all?". The arms are interleaved epoch
-by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream and
-schedule state) so a busy neighbour on a shared machine slows every arm
+What it measures: arms trained side by side on the same data, seeds, epochs and SGD hyperparameters. By
+default five: plain SGD; the shipped defaults (the freeze rule on the budget schedule: a quarter of the run's
+layer-FLOP-epochs local, at most half of the layer FLOPs, spent as late as the run allows); LoCal+SGD with the
+paper's hebbian rule on that same schedule (its *freeze twin* is the defaults arm: "why a local rule at all?");
+the paper's Algorithm 1 (``dynamic``) with freeze; and the faster budget preset (``--budget 0.3``). ``--arms``
+also offers budgets of 0.2 and 0.3, Algorithm 1's ``fast`` (alpha 0.5, 15 % per move) and ``fastest`` (alpha
+0.5, 25 %) presets and the signal schedules ``plasticity`` (Egeria) and ``gradnorm`` (AutoFreeze) at their
+defaults, deciding every quarter of an epoch, each with a hebbian arm and its freeze twin. The arms are
+interleaved epoch by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream
+and schedule state) so a busy neighbour on a shared machine slows every arm
 alike. Per arm it reports the total training time (evaluation excluded), the speedup over SGD,
 the GEMM model's bound on that speedup for the transitions actually taken, the final
 test accuracy and its difference to SGD in percentage points, the peak activation memory saved
@@ -26,13 +27,13 @@ plain setup measured in the same run;
 
 Default: ResNet-20 on Fashion-MNIST, 10,000 train / 5,000 test images (the default run's training
 subset, a larger test set for less sampling noise), 8 epochs, batch 128, seeds 0 and 1 (80
-arm-epochs of 79 steps): measured 35.8 minutes on 2 CPU cores, inside 60; every extra seed
-adds half as much again. Epoch timings include one-time costs and whatever the neighbours do at that
-moment; the interleaving spreads the latter over the arms but cannot remove it: repeat, or use
-``--seeds``, before trusting a speedup difference of a few percent.
+arm-epochs of 79 steps): SGD and four freeze arms took 23 minutes on 2 CPU cores (a hebbian arm costs a
+little more than a freeze one); every extra seed adds half as much again. Epoch timings include one-time costs
+and whatever the neighbours do at that moment; the interleaving spreads the latter over the arms but cannot
+remove it: repeat, or use ``--seeds``, before trusting a speedup difference of a few percent.
 ``--quick``: SmallCNN, 512 / 256 images, 3 epochs, batch 64 - a smoke test of a few seconds.
 
-Run: ``localsgd bench tradeoff [--seeds 0 1 2] [--arms SGD "LoCal dynamic"] [--model vgg11_bn] [--quick]``.
+Run: ``localsgd bench tradeoff [--seeds 0 1 2] [--arms SGD "freeze budget"] [--model vgg11_bn] [--quick]``.
 """
 from __future__ import annotations
 
@@ -77,8 +78,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "freeze budget": {"rule": "freeze", "schedule": "budget"},
     "LoCal budget": {"rule": "hebbian", "schedule": "budget"},
     "freeze budget 0.2": {"rule": "freeze", "schedule": "budget", "budget": 0.2},
+    "LoCal budget 0.2": {"rule": "hebbian", "schedule": "budget", "budget": 0.2},
     "freeze budget 0.3": {"rule": "freeze", "schedule": "budget", "budget": 0.3},
-    "freeze budget 0.3 cap 0.67": {"rule": "freeze", "schedule": "budget", "budget": 0.3, "max_share": 0.67},
+    "LoCal budget 0.3": {"rule": "hebbian", "schedule": "budget", "budget": 0.3},
     "LoCal plasticity": {"rule": "hebbian", "schedule": "plasticity", "decide_every": SIGNAL_DECIDE_EVERY},
     "freeze plasticity": {"rule": "freeze", "schedule": "plasticity", "decide_every": SIGNAL_DECIDE_EVERY},
     "LoCal gradnorm": {"rule": "hebbian", "schedule": "gradnorm", "decide_every": SIGNAL_DECIDE_EVERY},
@@ -88,7 +90,7 @@ ARMS: dict[str, dict[str, Any]] = {
 DEFAULTS_ARM = next(name for name, o in ARMS.items()
                     if o == {"rule": DEFAULT_RULE, "schedule": TrainConfig.__dataclass_fields__["schedule"].default})
 #: The arms run when ``--arms`` is not given.
-DEFAULT_ARMS = ("SGD", "LoCal dynamic", "freeze dynamic", "LoCal fast", "freeze fast")
+DEFAULT_ARMS = ("SGD", "freeze budget", "LoCal budget", "freeze dynamic", "freeze budget 0.3")
 
 
 def select_arms(names: Sequence[str] = DEFAULT_ARMS) -> dict[str, dict[str, Any]]:

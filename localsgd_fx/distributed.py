@@ -25,7 +25,7 @@ moves. :class:`LocalSGDDataParallel` handles both:
 Example (launched with ``torchrun --nproc_per_node 2 train.py``)::
 
     >>> dist.init_process_group("gloo")                                     # doctest: +SKIP
-    >>> model = LocalSGDDataParallel(compile_localsgd(net, schedule="dynamic"))
+    >>> model = LocalSGDDataParallel(compile_localsgd(net, total_epochs=epochs))
     >>> loss = F.cross_entropy(model(x_shard), y_shard); opt.zero_grad(); loss.backward(); opt.step()
     >>> model.observe_loss(loss.detach())   # ends the step: local weights averaged, global loss observed
     >>> model.end_epoch()

@@ -38,13 +38,16 @@ from abc import ABC, abstractmethod
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
-__all__ = ["EpochStats", "Schedule", "Static", "Dynamic", "Budget", "plan_budget", "Plasticity", "GradNorm", "PolicySchedule", "PlainSGD",
-           "Manual", "make_schedule", "state_field", "SCHEDULE_NAMES"]
+__all__ = ["DEFAULT_SCHEDULE", "EpochStats", "Schedule", "Static", "Dynamic", "Budget", "plan_budget", "Plasticity",
+           "GradNorm", "PolicySchedule", "PlainSGD", "Manual", "make_schedule", "state_field", "SCHEDULE_NAMES"]
 
 # ---------------------------------------------------------------------------------------------
 # Defaults, in one visible place. They sit inside the paper's good range and are meant to be
 # re-tuned from measurements (benchmarks/), so nothing else should hard-code them.
 # ---------------------------------------------------------------------------------------------
+#: The schedule a user gets without choosing one: the budget plan, whose accuracy cost held across depth and run
+#: length in our measurements (docs/RESULTS.md, "Defaults that hold"), where Algorithm 1's did not.
+DEFAULT_SCHEDULE: str = "budget"
 #: Static: most layers ever local. A float is a fraction of the layers (capped at max_local);
 #: 0.75 keeps the last quarter of the network on SGD even at the end of training.
 STATIC_DEFAULT_C1: float = 0.75
@@ -699,8 +702,9 @@ class Budget(Schedule):
 
     def _resolve(self) -> None:
         if self.total_epochs is None:
-            raise ValueError("Budget schedule needs the run length: pass total_epochs to Budget(...) or to "
-                             "compile_localsgd / bind (it plans every epoch of the run)")
+            raise ValueError("the budget schedule (the default) plans every epoch of the run and needs its length: "
+                             "pass total_epochs=<the epochs you train> to compile_localsgd (or Budget), or pick "
+                             "schedule='dynamic', which decides from measurements")
 
     def propose(self, stats: EpochStats) -> int:
         self._bind_from(stats)
@@ -780,7 +784,7 @@ class Plasticity(_SignalSchedule):
     """Representation plasticity (Egeria, EuroSys'23): move when the transition layer's output has settled.
 
     At each check the model wrapper reports ``c``, the relative change since the previous check of the transition
-    layer's per-channel standardised output on a fixed probe batch (docs/DESIGN.md §4.3). Then
+    layer's per-channel standardised output on a fixed probe batch (docs/DESIGN.md §4.4). Then
     ``W̄ <- beta * W̄ + (1 - beta) * c`` (``W̄`` starts at the first ``c``); the check is *settled* if
     ``c < threshold * W̄``, or ``c = 0``; after ``patience`` settled checks in a row, and once ``warmup_epochs``
     epochs are complete, propose ``t + shift``; else ``t``.

@@ -1,4 +1,4 @@
-"""The device-side measurements behind the signal schedules (docs/DESIGN.md §4.3).
+"""The device-side measurements behind the signal schedules (docs/DESIGN.md §4.4).
 
 :class:`SignalMeter` measures, for the transition layer ``t``, what a schedule names in its
 ``signals``:

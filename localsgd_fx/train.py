@@ -70,7 +70,7 @@ from .metrics import SavedActivationMeter, format_table, write_metrics
 from .rules import list_rules, make_rule
 from .run_folder import disk_full_guard, new_run_folder, prepare_run_folder
 from .runtime import COMPILE_MODES, DEVICES, compile_cache_hits, resolve_device
-from .schedules import SCHEDULE_NAMES, make_schedule
+from .schedules import DEFAULT_SCHEDULE, SCHEDULE_NAMES, make_schedule
 from .supervision import MODES as WEAK_SUPERVISION_MODES
 
 __all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "unused_settings", "without_unused", "Trainer",
@@ -178,7 +178,8 @@ class TrainConfig:
     # LoCal
     rule: str = setting(DEFAULT_RULE, "what the local prefix does: freeze (no update), hebbian (the paper's rule), "
                                       "oja, softhebb", group="LoCal", choices=list_rules)
-    schedule: str = setting("dynamic", "learning-mode selection; sgd = plain SGD", choices=lambda: SCHEDULE_NAMES)
+    schedule: str = setting(DEFAULT_SCHEDULE, "learning-mode selection; sgd = plain SGD",
+                            choices=lambda: SCHEDULE_NAMES)
     alpha: float | None = setting(None, "dynamic: move when delta < alpha * running average", type=float)
     per_lr: bool | None = setting(None, "dynamic: divide each epoch's update norm by the epoch's mean learning rate "
                                         "(long runs)", action="store_true")

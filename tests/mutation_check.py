@@ -125,6 +125,12 @@ MUTANTS = [
     Mutant("out-foreign-files", "a new run writes into a folder holding other files", "localsgd_fx/run_folder.py",
            "    if present:\n", "    if False:\n",
            ("tests/test_hardening.py::test_item1_a_new_run_never_overwrites_files_it_did_not_write",)),
+    Mutant("budget-early", "the budget plan is spent from the first allowed epoch on, not from the last backwards",
+           "localsgd_fx/schedules.py", "for epoch in range(total_epochs - 1, first - 1, -1):",
+           "for epoch in range(first, total_epochs):", ("tests/test_schedules.py",)),
+    Mutant("budget-no-cap", "the budget plan ignores max_share (the deepest layers may turn local)",
+           "localsgd_fx/schedules.py", "if cum[t] <= max_share + eps)", "if cum[t] <= 1.0 + eps)",
+           ("tests/test_schedules.py",)),
 ]
 
 

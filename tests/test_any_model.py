@@ -110,7 +110,7 @@ def test_issue_reproducer_prints_zero():
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3), BNActRepro(8), nn.Flatten(), nn.LazyLinear(10))
     net(torch.randn(2, 3, 8, 8))
-    lm = compile_localsgd(net)
+    lm = compile_localsgd(net, total_epochs=4)
     for _ in range(3):
         lm(torch.randn(16, 3, 8, 8))             # training steps move the running stats
     lm.eval()
@@ -215,10 +215,10 @@ def test_only_modules_whose_code_reads_their_mode_are_watched_each_step():
     those: a zoo ResNet's step checks none."""
     from passes.trace import mode_watch
 
-    resnet = compile_localsgd(models_zoo.get_model("resnet20", 10, 1))
+    resnet = compile_localsgd(models_zoo.get_model("resnet20", 10, 1), total_epochs=4)
     assert resnet._mode_watch == []
     model, _ = build_quirk("bnact")
-    lm = compile_localsgd(model)
+    lm = compile_localsgd(model, total_epochs=4)
     watched = {type(m).__name__ for m, _ in lm._mode_watch}
     assert "BNAct" in watched and watched == {type(m).__name__ for m, _ in mode_watch(lm.graph_for(0), model)}
 
@@ -226,6 +226,6 @@ def test_only_modules_whose_code_reads_their_mode_are_watched_each_step():
 def test_explain_names_what_was_kept_opaque():
     model, _ = build_quirk("padsame")
     with pytest.warns(UserWarning, match="opaque"):
-        lm = compile_localsgd(model)
+        lm = compile_localsgd(model, total_epochs=4)
     text = lm.explain(print_fn=None)
     assert "kept opaque (its layers stay on SGD): 'blocks.0.0'" in text and "math.ceil" in text

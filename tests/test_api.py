@@ -16,7 +16,7 @@ import models_zoo
 from helpers.devices import requires_cuda
 from helpers.references import RefGeometry, ref_new_weight
 from helpers.state import clone_state
-from localsgd_fx import DEFAULT_RULE, Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
+from localsgd_fx import DEFAULT_RULE, Budget, Dynamic, LocalSGDError, LocalSGDModule, compile_localsgd
 from localsgd_fx.cli import build_parser
 from localsgd_fx.ops import LOCAL_UPDATE
 from localsgd_fx.train import TrainConfig
@@ -55,7 +55,7 @@ def batch(seed: int = 1, dtype=torch.float32, n: int = 2) -> torch.Tensor:
 # ------------------------------------------------------------------------- parameters
 def test_same_parameter_objects_and_module_type():
     model = make()
-    lm = compile_localsgd(model)
+    lm = compile_localsgd(model, total_epochs=4)
     assert isinstance(lm, LocalSGDModule) and isinstance(lm, nn.Module)
     assert lm.model is model
     assert [id(p) for p in lm.parameters()] == [id(p) for p in model.parameters()]
@@ -182,7 +182,7 @@ class Gated(nn.Module):
 def test_untraceable_model_names_the_construct_and_the_escape_hatch():
     # compile_localsgd keeps an untraceable submodule opaque with a warning (issue 21); strict tracing raises
     with pytest.warns(UserWarning, match=r"kept 'that_submodule' \(Gate\) opaque: cannot trace `if x.sum\(\) > 0:`"):
-        assert compile_localsgd(Gated()).layer_order.names == ["stem", "fc"]
+        assert compile_localsgd(Gated(), total_epochs=4).layer_order.names == ["stem", "fc"]
     with pytest.raises(LocalSGDError) as info:
         trace(Gated(), strict=True)
     msg = str(info.value)
@@ -196,8 +196,8 @@ def test_untraceable_nested_submodule_is_named_by_its_qualified_name():
     with pytest.raises(LocalSGDError, match=r"leaf_modules=\('1\.1',\) \(or its class Gate\)"):
         trace(model, strict=True)
     with pytest.warns(UserWarning, match=r"kept '1\.1' \(Gate\) opaque.*leaf_modules=\('1\.1',\) to silence"):
-        assert compile_localsgd(model).layer_order.names == ["0"]
-    lm = compile_localsgd(model, leaf_modules=("1.1",))
+        assert compile_localsgd(model, total_epochs=4).layer_order.names == ["0"]
+    lm = compile_localsgd(model, leaf_modules=("1.1",), total_epochs=4)
     assert lm.layer_order.names == ["0"]
 
 
@@ -273,9 +273,16 @@ def test_dynamic_schedule_moves_t_when_update_norms_say_so():
     assert lm.epoch == 7
 
 
-def test_dynamic_schedule_default_string():
+def test_default_schedule_is_the_budget_plan_and_needs_the_run_length():
+    with pytest.raises(ValueError, match="pass total_epochs=<the epochs you train> to compile_localsgd"):
+        compile_localsgd(make())
+    lm = compile_localsgd(make(), total_epochs=8)
+    assert isinstance(lm.schedule, Budget) and lm.schedule.total_epochs == 8
+
+
+def test_dynamic_schedule_string():
     model = make()
-    lm = compile_localsgd(model)                              # schedule="dynamic"
+    lm = compile_localsgd(model, schedule="dynamic")
     assert isinstance(lm.schedule, Dynamic)
     _train_epoch(lm, model, {"conv1": 1.0, "conv2": 1.0, "fc": 1.0})
     _train_epoch(lm, model, {"conv1": 1.0, "conv2": 1.0, "fc": 1.0})

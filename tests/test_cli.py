@@ -272,13 +272,13 @@ def test_signal_schedule_flags_reach_the_config():
 def test_bench_tradeoff_marks_the_defaults_and_the_fastest_plain_sgd(data_dir, tmp_path, capsys):
     """The row a user gets without flags is marked, and with plain SGD in several compile modes every arm is also
     compared with the fastest of them (recomputed here from the per-epoch records)."""
-    arms = ["SGD", "SGD eager", "freeze dynamic"]
+    arms = ["SGD", "SGD eager", "freeze budget"]
     assert main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, *FIT_DATA, "--epochs", "1",
                  "--arms", *arms, "--compile", "off", "--out", str(tmp_path), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "vs fastest SGD" in text and "shipped defaults" in text
     report = json.loads((tmp_path / "tradeoff.json").read_text())
-    assert [name for name, s in report["summary"].items() if s["default"]] == ["freeze dynamic"]
+    assert [name for name, s in report["summary"].items() if s["default"]] == ["freeze budget"]
     times = {name: sum(r["train_time_s"] for r in recs) for name, (recs,) in report["runs"].items()}
     fastest = min(times["SGD"], times["SGD eager"])
     for name in arms:

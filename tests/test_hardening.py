@@ -186,7 +186,8 @@ def test_item3_max_local_leaves_a_layer_to_sgd_and_the_run_ends(data_dir, tmp_pa
     assert not (tmp_path / "x").exists()
     # the reproducer with the largest valid --max-local: t stops at 4, every epoch trains
     out = tmp_path / "run"
-    assert train(data_dir, out, "--epochs", "4", "--max-local", "4", "--shift", "99", "--alpha", "0.99") == 0
+    assert train(data_dir, out, "--epochs", "4", "--max-local", "4", "--schedule", "dynamic", "--shift", "99",
+                 "--alpha", "0.99") == 0
     ts = [json.loads(line)["t"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(ts) == 4 and max(ts) == 4
 

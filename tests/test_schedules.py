@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localsgd_fx.schedules import (
+    BUDGET_DEFAULT_BUDGET,
+    BUDGET_DEFAULT_MAX_SHARE,
+    BUDGET_DEFAULT_START,
     DYNAMIC_DEFAULT_ALPHA,
     DYNAMIC_DEFAULT_SHIFT,
     GRADNORM_DEFAULT_THRESHOLD,
@@ -20,6 +23,7 @@ from localsgd_fx.schedules import (
     SCHEDULE_NAMES,
     SIGNAL_DEFAULT_SHIFT,
     SIGNAL_DEFAULT_WARMUP_EPOCHS,
+    Budget,
     Dynamic,
     EpochStats,
     GradNorm,
@@ -30,6 +34,7 @@ from localsgd_fx.schedules import (
     Schedule,
     Static,
     make_schedule,
+    plan_budget,
 )
 
 
@@ -396,6 +401,7 @@ def scripted_norms(n, epochs):
         lambda: Dynamic(),
         lambda: Static("quadratic", c1=0.8, c2=0.1, total_epochs=20),
         lambda: Static("exponential", c1=9, c2=3, total_epochs=20, k=3.0),
+        lambda: Budget(budget=0.3, max_share=0.6, start=0.2),
         lambda: PlainSGD(),
         lambda: Manual(),
     ],
@@ -415,6 +421,8 @@ def test_state_dict_round_trip(factory):
         b = Static("linear", c1=1, c2=0, total_epochs=3)
     elif isinstance(b, Dynamic):
         b = Dynamic(alpha=0.1, shift=5, beta=0.0)
+    elif isinstance(b, Budget):
+        b = Budget(budget=0.05, max_share=1.0, start=0.0)
     b.load_state_dict(state)  # no bind(): the state carries the bound values
     assert b.log_stats() == a.log_stats()
     ta = tb = t
@@ -481,6 +489,7 @@ def test_manual_and_sgd():
     "name, cls, kind",
     [
         ("dynamic", Dynamic, None),
+        ("budget", Budget, None),
         ("static", Static, "quadratic"),
         ("quadratic", Static, "quadratic"),
         ("linear", Static, "linear"),
@@ -763,7 +772,7 @@ def test_user_schedules_get_state_stats_and_repr_from_the_base():
     from localsgd_fx.schedules import state_field
 
     @dataclass(eq=False, repr=False, kw_only=True)
-    class EveryK(Schedule):             # the way docs/DESIGN.md §4.4 shows
+    class EveryK(Schedule):             # the way docs/DESIGN.md §4.5 shows
         k: int = 3
         moves: int = state_field(0)
         last: dict = state_field(factory=dict, stats=True)
@@ -802,3 +811,86 @@ def test_user_schedules_get_state_stats_and_repr_from_the_base():
     again = OldStyle()
     again.load_state_dict(json.loads(json.dumps(old.state_dict())))
     assert again.count == 3 and again.num_layers == 6 and repr(again) == "OldStyle()"
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget: a planned share of the layer-FLOP-epochs, as late as the cap and the start allow
+# ---------------------------------------------------------------------------------------------
+def local_share(plan, shares):
+    cum = [sum(shares[:t]) for t in range(len(shares) + 1)]
+    return sum(cum[t] for t in plan) / len(plan)
+
+
+def test_budget_plan_hand_computed():
+    # 4 equal layers, 8 epochs, budget 0.3 -> 2.4 epoch-shares; the cap 0.5 is t=2; from epoch 2 on.
+    # Epochs 7..4 hold t=2 (2.0), epoch 3 needs 0.4 -> t=2 (the smallest t with share >= 0.4).
+    assert plan_budget([0.25] * 4, 3, 8, 0.3, 0.5, 0.25) == [0, 0, 0, 2, 2, 2, 2, 2]
+    # unequal shares: the cap counts FLOPs, not layers (layer 0 alone is 0.6 > 0.5: nothing can turn local)
+    assert plan_budget([0.6, 0.2, 0.2], 2, 4, 0.3, 0.5, 0.0) == [0, 0, 0, 0]
+    assert plan_budget([0.1, 0.1, 0.3, 0.5], 3, 4, 0.25, 0.5, 0.0) == [0, 0, 3, 3]
+    assert plan_budget([0.1, 0.1, 0.3, 0.5], 3, 4, 0.3, 0.5, 0.0) == [0, 2, 3, 3]   # 0.2 left: t=2
+    # a budget the cap and the start cannot hold is spent as far as they allow
+    assert plan_budget([0.25] * 4, 3, 4, 0.9, 0.5, 0.5) == [0, 0, 2, 2]
+    # max_local bounds the cap as well
+    assert plan_budget([0.25] * 4, 1, 4, 0.5, 1.0, 0.0) == [0, 1, 1, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=40), st.integers(1, 30), st.floats(0.01, 0.99),
+       st.floats(0.05, 1.0), st.floats(0.0, 0.95), st.data())
+def test_budget_plan_properties(weights, epochs, budget, max_share, start, data):
+    shares = [w / sum(weights) for w in weights]
+    max_local = data.draw(st.integers(0, len(shares)))
+    plan = plan_budget(shares, max_local, epochs, budget, max_share, start)
+    cum = [sum(shares[:t]) for t in range(len(shares) + 1)]
+    assert len(plan) == epochs and plan[0] == 0
+    assert plan == sorted(plan)                                    # t never decreases
+    assert all(t <= max_local and cum[t] <= max_share + 1e-9 for t in plan)
+    first = max(1, math.ceil(start * epochs - 1e-9))
+    assert all(t == 0 for t in plan[:first])                       # nothing local before the start
+    spent = sum(cum[t] for t in plan)
+    if spent + 1e-9 < budget * epochs:                             # short of the budget only when nothing is left
+        t_cap = max(t for t in range(max_local + 1) if cum[t] <= max_share + 1e-9)
+        assert all(t == t_cap for t in plan[first:])
+    else:                                                          # and not more than one layer's worth over it
+        begin = next(i for i, t in enumerate(plan) if t > 0)
+        assert spent - cum[plan[begin]] + cum[plan[begin] - 1] < budget * epochs + 1e-9
+
+
+def test_budget_is_the_same_share_of_a_deeper_net_at_the_same_point_of_the_run():
+    # equal layer shares of 20 and 56 layers: the local FLOP share per epoch differs by less than one layer
+    for epochs in (8, 20):
+        a = plan_budget([1 / 20] * 20, 19, epochs, 0.25, 0.5, 0.25)
+        b = plan_budget([1 / 56] * 56, 55, epochs, 0.25, 0.5, 0.25)
+        for ta, tb in zip(a, b):
+            assert abs(ta / 20 - tb / 56) <= 1 / 20 + 1e-9
+        assert [t > 0 for t in a] == [t > 0 for t in b]
+
+
+def test_budget_schedule_follows_its_plan_and_reads_flop_shares():
+    shares = [0.1, 0.1, 0.3, 0.5]
+    s = Budget(budget=0.3, max_share=0.5, start=0.0, total_epochs=4)
+    t, seen = 0, []
+    for epoch in range(1, 6):      # a decision past the run's end keeps the last epoch's t
+        t = s.select(EpochStats(epoch, t, 4, 3, {}, flop_shares=shares))
+        seen.append(t)
+    assert seen == [2, 3, 3, 3, 3] and s.plan == [0, 2, 3, 3]
+    assert s.log_stats() == {"planned": pytest.approx((0.2 + 0.5 + 0.5) / 4)}
+    # without FLOP shares every layer counts the same
+    u = Budget(budget=0.25, max_share=0.5, start=0.0, total_epochs=4)
+    u.select(EpochStats(1, 0, 4, 3, {}))
+    assert u.plan == plan_budget([0.25] * 4, 3, 4, 0.25, 0.5, 0.0)
+
+
+def test_budget_defaults_visible_and_invalid_arguments():
+    s = make_schedule("budget", total_epochs=8)
+    assert (s.budget, s.max_share, s.start) == (BUDGET_DEFAULT_BUDGET, BUDGET_DEFAULT_MAX_SHARE, BUDGET_DEFAULT_START)
+    for kwargs, match in [({"budget": 0.0}, "budget must be a float in"), ({"budget": 1.0}, "budget"),
+                          ({"max_share": 0.0}, "max_share must be a float in"), ({"start": 1.0}, "start must be")]:
+        with pytest.raises(ValueError, match=match):
+            Budget(**kwargs)
+    with pytest.raises(ValueError, match="needs its length: pass total_epochs"):
+        Budget().bind(4, 3)
+    b = Budget(total_epochs=6)
+    b.bind(4, 3, 10)                 # the constructor's run length wins
+    assert b.total_epochs == 6
