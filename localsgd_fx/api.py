@@ -29,7 +29,15 @@ from .metrics import format_table
 from .ops import LOCAL_UPDATE
 from .rules import LocalRule, make_rule
 from .runtime import compile_mode
-from .schedules import DEFAULT_SCHEDULE, PLASTICITY_DEFAULT_PROBE_SIZE, Dynamic, PolicySchedule, Schedule, make_schedule
+from .schedules import (
+    DEFAULT_SCHEDULE,
+    PLASTICITY_DEFAULT_PROBE_SIZE,
+    Budget,
+    Dynamic,
+    PolicySchedule,
+    Schedule,
+    make_schedule,
+)
 from .signals import SignalMeter, UpdateNorms
 from .supervision import WeakSupervision
 
@@ -311,6 +319,7 @@ class LocalSGDModule(nn.Module):
               for name, reason in self.graphs.traced.meta.get(OPAQUE_META, {}).items()),
             f"local FLOP fraction p = {'?' if p is None else f'{p:.3f}'}; step-speedup bound "
             f"{'?' if bound is None else f'{bound:.3f}x'} (GEMM model)",
+            *self._plan_lines(),
             f"compiled graphs: {self.compile_count} ({self.compile_seconds:.1f} s compiling: forward, backward and "
             f"CUDA-graph recording); compile={self.compile_mode!r}",
             *([f"recorded steps: {self.graphs.account.captures} ({self.graphs.account.capture_seconds:.2f} s of "
@@ -320,6 +329,18 @@ class LocalSGDModule(nn.Module):
         if print_fn is not None:
             print_fn(text)
         return text
+
+    def _plan_lines(self) -> list[str]:
+        """A planned schedule's moves, known before training (the budget schedule)."""
+        if not isinstance(self.schedule, Budget) or not self.schedule.bound:
+            return []
+        shares = self.graphs.order.flop_shares()
+        plan, share = self.schedule.planned(shares)
+        cum = [sum(shares[:t]) for t in range(len(shares) + 1)] if shares is not None else None
+        bound = (len(plan) / sum(1.0 / speed_bound(cum[t], self.rule.gemms, self.sample_fraction) for t in plan)
+                 if cum is not None else None)
+        return [f"planned t per epoch: {plan} ({share:.3f} of the layer-FLOP-epochs local"
+                + (f"; run-speedup bound {bound:.2f}x, GEMM model" if bound is not None else "") + ")"]
 
     # ----------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:

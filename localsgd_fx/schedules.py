@@ -706,15 +706,22 @@ class Budget(Schedule):
                              "pass total_epochs=<the epochs you train> to compile_localsgd (or Budget), or pick "
                              "schedule='dynamic', which decides from measurements")
 
+    def planned(self, flop_shares: list[float] | None) -> tuple[list[int], float]:
+        """The plan for these FLOP shares (equal shares for ``None``) and its local FLOP-epoch fraction, without
+        changing the schedule (the plan in force, once made, is :attr:`plan`)."""
+        assert self.num_layers is not None and self.max_local is not None and self.total_epochs is not None
+        shares = list(flop_shares or [1.0 / self.num_layers] * self.num_layers)
+        plan = self.plan or plan_budget(shares, self.max_local, self.total_epochs, self.budget, self.max_share,
+                                        self.start)
+        cum = [sum(shares[:t]) for t in range(self.num_layers + 1)]
+        return plan, sum(cum[t] for t in plan) / self.total_epochs
+
     def propose(self, stats: EpochStats) -> int:
         self._bind_from(stats)
-        assert self.num_layers is not None and self.max_local is not None and self.total_epochs is not None
+        assert self.total_epochs is not None
         if self.plan is None:
-            shares = stats.flop_shares or [1.0 / self.num_layers] * self.num_layers
-            self.plan = plan_budget(list(shares), self.max_local, self.total_epochs, self.budget, self.max_share,
-                                    self.start)
-            cum = [sum(shares[:t]) for t in range(self.num_layers + 1)]
-            self.last = {"planned": sum(cum[t] for t in self.plan) / self.total_epochs}
+            self.plan, share = self.planned(stats.flop_shares)
+            self.last = {"planned": share}
         # the epoch about to start is stats.epoch (0-based); past the run's end the last epoch's t holds
         return self.plan[min(int(stats.epoch), self.total_epochs - 1)]
 

@@ -599,3 +599,22 @@ def test_compiled_zoo_model_pickles_and_torch_saves():
         assert_close(loaded.model.features[0][0].weight, twin.model.features[0][0].weight, rtol=0, atol=0)
         loaded.eval(), twin.eval()
         assert_close(loaded(x), twin(x), rtol=0, atol=0)
+
+
+def test_explain_shows_the_budget_plan_before_training_and_the_run_follows_it():
+    model = make()
+    lm = compile_localsgd(model, total_epochs=4, example_inputs=(batch(),))
+    line = next(x for x in lm.explain(print_fn=None).splitlines() if x.startswith("planned t per epoch"))
+    plan, _ = lm.schedule.planned(lm.layer_order.flop_shares())
+    assert str(plan) in line and "run-speedup bound" in line and lm.schedule.plan is None   # explain changes nothing
+    assert max(plan) > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for _ in range(4):
+        seen.append(lm.transition)
+        loss = lm(batch()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lm.end_epoch()
+    assert seen == plan
