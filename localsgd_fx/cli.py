@@ -1,12 +1,12 @@
 """``localsgd`` command line: ``train``, ``inspect``, ``bench tradeoff``, ``bench step``.
 
 * ``localsgd train`` - LoCal+SGD training (:mod:`localsgd_fx.train`); with no flags it is the default
-  run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, frozen local prefix, dynamic
+  run: ResNet-20 on Fashion-MNIST (10,000 train / 2,000 test images, 8 epochs, frozen local prefix, budget
   schedule), about 4 minutes on 2 idle CPU cores (6-7 when they are shared). Writes metrics, plots and
   checkpoints to ``--out``.
 * ``localsgd inspect`` - prints a model's rewritten graph for a transition ``t`` and its per-layer
   map, and writes the graph as DOT (and PNG if graphviz's ``dot`` is installed).
-* ``localsgd bench tradeoff`` - SGD vs LoCal+SGD (static, dynamic) vs freeze, interleaved
+* ``localsgd bench tradeoff`` - SGD vs the shipped defaults, LoCal+SGD and other schedules, interleaved
   (:mod:`localsgd_fx.bench_tradeoff`).
 * ``localsgd bench step`` - per-step time and memory vs ``t`` (:mod:`localsgd_fx.bench`).
 * ``torchrun --nproc_per_node N -m localsgd_fx train ...`` - data-parallel training, one process per

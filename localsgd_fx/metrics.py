@@ -38,7 +38,8 @@ Columns of ``metrics.jsonl`` / ``metrics.csv`` (one row per epoch):
                           processes at the end of the epoch (0.0: the replicas are identical)
 ``sched_*``               the schedule's ``log_stats()`` (dynamic: ``delta`` = δ_E of the
                           transition layer, ``running_avg`` = W̄, ``threshold``, ``moved``;
-                          static: ``u``, ``f``, ``target``; plasticity / gradnorm: ``value``,
+                          static: ``u``, ``f``, ``target``; budget: ``planned`` (its local
+                          FLOP-epoch share); plasticity / gradnorm: ``value``,
                           ``settled``, ``moved`` of the last check, and ``running_avg``,
                           ``threshold`` / ``rate``)
 ========================  ====================================================================
