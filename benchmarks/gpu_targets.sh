@@ -28,9 +28,9 @@ if [[ $what == capture || $what == all ]]; then
       --transitions 53 --repeats 21 --compile capture \
       --json "$out/step_resnet50_bf16_cl_capture.json" | tee "$out/step_resnet50_bf16_cl_capture.txt"
   # end to end: plain SGD recorded and under torch.compile's CUDA graphs (the fastest is the reference of
-  # "vs fastest SGD"), the default arm (freeze dynamic) and hebbian, both recorded per t (compile auto on a GPU)
+  # "vs fastest SGD"), the default arm (freeze budget) and its hebbian twin, both recorded per t (compile auto on a GPU)
   run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
-      --arms "SGD capture" "SGD reduce-overhead" "freeze dynamic" "LoCal dynamic" --amp bf16 --channels-last \
+      --arms "SGD capture" "SGD reduce-overhead" "freeze budget" "LoCal budget" --amp bf16 --channels-last \
       --compile auto --out "$out/tradeoff_capture"
 fi
 
@@ -66,7 +66,7 @@ if [[ $what == default-run || $what == all ]]; then
 fi
 
 if [[ $what == tradeoff || $what == all ]]; then
-  # end to end on CUDA, full Fashion-MNIST, 20 epochs: SGD vs LoCal vs its freeze twin, fastest plain setup
+  # end to end on CUDA, full Fashion-MNIST, 20 epochs: SGD, the defaults, their hebbian twin, Algorithm 1
   run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
-      --arms SGD "LoCal dynamic" "freeze dynamic" --amp bf16 --channels-last --compile auto --out "$out/tradeoff_full"
+      --arms SGD "freeze budget" "LoCal budget" "freeze dynamic" --amp bf16 --channels-last --compile auto --out "$out/tradeoff_full"
 fi
