@@ -1,11 +1,11 @@
 """``localsgd bench tradeoff``: the time/accuracy trade-off of LoCal+SGD against its baselines.
 
 What it measures: arms trained side by side on the same data, seeds, epochs and SGD hyperparameters. By
-default five: plain SGD; the shipped defaults (the freeze rule on the budget schedule: a quarter of the run's
+default five: plain SGD; the shipped defaults (the freeze rule on the budget schedule: a fifth of the run's
 layer-FLOP-epochs local, at most half of the layer FLOPs, spent as late as the run allows); LoCal+SGD with the
 paper's hebbian rule on that same schedule (its *freeze twin* is the defaults arm: "why a local rule at all?");
-the paper's Algorithm 1 (``dynamic``) with freeze; and the faster budget preset (``--budget 0.3``). ``--arms``
-also offers budgets of 0.2 and 0.3, Algorithm 1's ``fast`` (alpha 0.5, 15 % per move) and ``fastest`` (alpha
+the paper's Algorithm 1 (``dynamic``) with freeze; and the faster budget preset (``--budget 0.25``). ``--arms``
+also offers a budget of 0.3, Algorithm 1's ``fast`` (alpha 0.5, 15 % per move) and ``fastest`` (alpha
 0.5, 25 %) presets and the signal schedules ``plasticity`` (Egeria) and ``gradnorm`` (AutoFreeze) at their
 defaults, deciding every quarter of an epoch, each with a hebbian arm and its freeze twin. The arms are
 interleaved epoch by epoch (SGD, LoCal, freeze, ..., SGD, ...; each keeps its own model, optimizer, RNG stream
@@ -49,6 +49,7 @@ from .atomic import atomic_write_text
 from .cli import OneLineParser
 from .metrics import format_table
 from .runtime import COMPILE_MODES, DEVICES, resolve_device
+from .schedules import DEFAULT_SCHEDULE, make_schedule
 from .train import AMP_DTYPES, ConfigError, TrainConfig, Trainer, load_data, without_unused
 
 # ---- defaults, in one place: (model, train subset, test subset, epochs, batch size) and seeds
@@ -77,8 +78,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "freeze fastest": {"rule": "freeze", "schedule": "dynamic", **FASTEST},
     "freeze budget": {"rule": "freeze", "schedule": "budget"},
     "LoCal budget": {"rule": "hebbian", "schedule": "budget"},
-    "freeze budget 0.2": {"rule": "freeze", "schedule": "budget", "budget": 0.2},
-    "LoCal budget 0.2": {"rule": "hebbian", "schedule": "budget", "budget": 0.2},
+    "freeze budget 0.25": {"rule": "freeze", "schedule": "budget", "budget": 0.25},
+    "LoCal budget 0.25": {"rule": "hebbian", "schedule": "budget", "budget": 0.25},
     "freeze budget 0.3": {"rule": "freeze", "schedule": "budget", "budget": 0.3},
     "LoCal budget 0.3": {"rule": "hebbian", "schedule": "budget", "budget": 0.3},
     "LoCal plasticity": {"rule": "hebbian", "schedule": "plasticity", "decide_every": SIGNAL_DECIDE_EVERY},
@@ -86,11 +87,23 @@ ARMS: dict[str, dict[str, Any]] = {
     "LoCal gradnorm": {"rule": "hebbian", "schedule": "gradnorm", "decide_every": SIGNAL_DECIDE_EVERY},
     "freeze gradnorm": {"rule": "freeze", "schedule": "gradnorm", "decide_every": SIGNAL_DECIDE_EVERY},
 }
-#: The arm a user gets without flags (the default rule on the default schedule): marked ``"default": true``.
-DEFAULTS_ARM = next(name for name, o in ARMS.items()
-                    if o == {"rule": DEFAULT_RULE, "schedule": TrainConfig.__dataclass_fields__["schedule"].default})
+
+
+def runs_the_defaults(overrides: dict[str, Any]) -> bool:
+    """Whether an arm with these overrides runs what a user gets without flags: the default rule on the default
+    schedule, every schedule option it names at the schedule's default value (``{"budget": 0.2}`` counts when 0.2
+    is the default budget)."""
+    rest = dict(overrides)
+    if rest.pop("rule", DEFAULT_RULE) != DEFAULT_RULE or rest.pop("schedule", DEFAULT_SCHEDULE) != DEFAULT_SCHEDULE:
+        return False
+    defaults = make_schedule(DEFAULT_SCHEDULE)
+    return all(hasattr(defaults, key) and getattr(defaults, key) == value for key, value in rest.items())
+
+
+#: The arm a user gets without flags: marked ``"default": true``.
+DEFAULTS_ARM = next(name for name, o in ARMS.items() if runs_the_defaults(o))
 #: The arms run when ``--arms`` is not given.
-DEFAULT_ARMS = ("SGD", "freeze budget", "LoCal budget", "freeze dynamic", "freeze budget 0.3")
+DEFAULT_ARMS = ("SGD", "freeze budget", "LoCal budget", "freeze dynamic", "freeze budget 0.25")
 
 
 def select_arms(names: Sequence[str] = DEFAULT_ARMS) -> dict[str, dict[str, Any]]:
@@ -126,10 +139,14 @@ def run_tradeoff(base: TrainConfig, seeds: list[int], *, arms: dict[str, dict[st
     return runs
 
 
-def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    """Per arm: mean and spread over seeds of time, speedup, bound, accuracy, Δ accuracy, memory, local FLOPs."""
+def summarise(runs: dict[str, list[list[dict[str, Any]]]],
+              arms: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per arm: mean and spread over seeds of time, speedup, bound, accuracy, Δ accuracy, memory, local FLOPs.
+    ``arms`` (name -> overrides; by default those of :data:`ARMS`) says which arms are plain SGD and which runs
+    the shipped defaults."""
+    arms = {name: (arms or ARMS).get(name, {"?": None}) for name in runs}   # an unknown arm is neither
     ref = next(iter(runs))
-    plain = [name for name in runs if ARMS.get(name, {}).get("schedule") == "sgd"] or [ref]
+    plain = [name for name in runs if arms[name].get("schedule") == "sgd"] or [ref]
     out: dict[str, dict[str, Any]] = {}
     for name, seeds in runs.items():
         per_seed = []
@@ -151,7 +168,7 @@ def summarise(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str
                 "local_flop_epochs": sum(r["local_fraction"] or 0.0 for r in recs) / len(recs),
                 "final_t": recs[-1]["t"],
             })
-        out[name] = {"default": name == DEFAULTS_ARM, "per_seed": per_seed,
+        out[name] = {"default": runs_the_defaults(arms[name]), "per_seed": per_seed,
                      **{k: _mean_std([s[k] for s in per_seed]) for k in per_seed[0]}}
     return out
 
@@ -228,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         saved = _read_saved(Path(args.from_json))
         try:
-            _report(saved["runs"], saved["seeds"], saved["config"], Path(args.from_json).parent,
+            _report(saved["runs"], saved["seeds"], saved["config"], Path(args.from_json).parent, saved.get("arms"),
                     memory_kind="CUDA MB peak / last" if "cuda" in saved["machine"] else "saved activ. MB peak / last",
                     markdown=True)
         except (KeyError, TypeError, IndexError, ZeroDivisionError) as exc:
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = resolve_device(base.device).type == "cuda"
-    summary = _report(runs, args.seeds, base.to_dict(), out,
+    summary = _report(runs, args.seeds, base.to_dict(), out, arms,
                       memory_kind="CUDA MB peak / last" if cuda else "saved activ. MB peak / last")
     json_path = out / "tradeoff.json"
     atomic_write_text(json_path, json.dumps({"config": base.to_dict(), "seeds": args.seeds, "arms": arms,
@@ -262,13 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int], config: dict[str, Any], out: Path, *,
-            memory_kind: str, markdown: bool = False) -> dict[str, dict[str, Any]]:
+def _report(runs: dict[str, list[list[dict[str, Any]]]], seeds: list[int], config: dict[str, Any], out: Path,
+            arms: dict[str, dict[str, Any]] | None, *, memory_kind: str,
+            markdown: bool = False) -> dict[str, dict[str, Any]]:
     """Print the summary table, draw tradeoff.png (accuracy vs time) and tradeoff_scatter.png
     (Δ acc vs speedup), and return the summary."""
     from .plots import plot_accuracy_vs_time, plot_tradeoff
 
-    summary = summarise(runs)
+    summary = summarise(runs, arms)
     print(format_summary(summary, memory_kind))
     if markdown:
         print()

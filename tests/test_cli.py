@@ -283,3 +283,16 @@ def test_bench_tradeoff_marks_the_defaults_and_the_fastest_plain_sgd(data_dir, t
     fastest = min(times["SGD"], times["SGD eager"])
     for name in arms:
         assert report["summary"][name]["vs_fastest_sgd"][0] == pytest.approx(fastest / times[name])
+
+
+def test_the_defaults_arm_is_known_by_what_it_runs_not_by_its_name():
+    from localsgd_fx.bench_tradeoff import ARMS, DEFAULTS_ARM, runs_the_defaults
+    from localsgd_fx.schedules import BUDGET_DEFAULT_BUDGET
+
+    assert ARMS[DEFAULTS_ARM] == {"rule": "freeze", "schedule": "budget"}
+    assert runs_the_defaults({"rule": "freeze", "schedule": "budget", "budget": BUDGET_DEFAULT_BUDGET})
+    assert not runs_the_defaults({"rule": "freeze", "schedule": "budget", "budget": BUDGET_DEFAULT_BUDGET + 0.05})
+    assert not runs_the_defaults({"rule": "hebbian", "schedule": "budget"})
+    assert not runs_the_defaults({"rule": "freeze", "schedule": "dynamic"})
+    assert not runs_the_defaults({"schedule": "sgd"})
+    assert [name for name, o in ARMS.items() if runs_the_defaults(o)] == [DEFAULTS_ARM]   # exactly one
