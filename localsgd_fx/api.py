@@ -334,13 +334,13 @@ class LocalSGDModule(nn.Module):
         """A planned schedule's moves, known before training (the budget schedule)."""
         if not isinstance(self.schedule, Budget) or not self.schedule.bound:
             return []
-        shares = self.graphs.order.flop_shares()
-        plan, share = self.schedule.planned(shares)
-        cum = [sum(shares[:t]) for t in range(len(shares) + 1)] if shares is not None else None
-        bound = (len(plan) / sum(1.0 / speed_bound(cum[t], self.rule.gemms, self.sample_fraction) for t in plan)
-                 if cum is not None else None)
-        return [f"planned t per epoch: {plan} ({share:.3f} of the layer-FLOP-epochs local"
-                + (f"; run-speedup bound {bound:.2f}x, GEMM model" if bound is not None else "") + ")"]
+        order = self.graphs.order
+        plan, share = self.schedule.planned(order.flop_shares())
+        line = f"planned t per epoch: {plan} ({share:.3f} of the layer-FLOP-epochs local"
+        if order.flop_shares() is None:     # FLOPs not measured yet: the plan assumed equal shares
+            return [line + ", layers counted alike until the FLOPs are known)"]
+        steps = sum(1.0 / speed_bound(order.local_fraction(t), self.rule.gemms, self.sample_fraction) for t in plan)
+        return [line + f"; run-speedup bound {len(plan) / steps:.2f}x, GEMM model)"]
 
     # ----------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:

@@ -629,6 +629,14 @@ class Dynamic(_Shifting):
 
 
 # -- Budget ------------------------------------------------------------------------------------
+def _prefix_shares(shares: list[float]) -> list[float]:
+    """``[share of layers 0..t-1 for t in 0..N]``: the local FLOP share of every transition."""
+    cum = [0.0]
+    for share in shares:
+        cum.append(cum[-1] + share)
+    return cum
+
+
 def plan_budget(shares: list[float], max_local: int, total_epochs: int, budget: float, max_share: float,
                 start: float) -> list[int]:
     """The transition of every epoch (index 0 .. ``total_epochs - 1``) of a :class:`Budget` plan.
@@ -643,9 +651,7 @@ def plan_budget(shares: list[float], max_local: int, total_epochs: int, budget: 
         >>> plan_budget([0.25] * 4, max_local=3, total_epochs=8, budget=0.2, max_share=0.5, start=0.25)
         [0, 0, 0, 0, 1, 2, 2, 2]
     """
-    cum = [0.0]
-    for share in shares:
-        cum.append(cum[-1] + share)
+    cum = _prefix_shares(shares)
     eps = 1e-9   # shares sum in floating point: a prefix of exactly max_share must count as inside it
     t_cap = max(t for t in range(max_local + 1) if cum[t] <= max_share + eps)
     first = max(1, math.ceil(start * total_epochs - eps))
@@ -715,7 +721,7 @@ class Budget(Schedule):
         shares = list(flop_shares or [1.0 / self.num_layers] * self.num_layers)
         plan = self.plan or plan_budget(shares, self.max_local, self.total_epochs, self.budget, self.max_share,
                                         self.start)
-        cum = [sum(shares[:t]) for t in range(self.num_layers + 1)]
+        cum = _prefix_shares(shares)
         return plan, sum(cum[t] for t in plan) / self.total_epochs
 
     def propose(self, stats: EpochStats) -> int:
