@@ -159,10 +159,12 @@ def _update(x: Tensor, weight: Tensor, bias: Tensor | None, lr: Tensor, local_ru
         # one forward GEMM in two calls: the sample rows through vjp, the rest plainly; the cat is one copy of y
         ys, pull = torch.func.vjp(lambda w: forward(xs, w), weight)
         y = torch.cat([ys, forward(x[keep:], weight)])
-    pullback = Pullback(lambda p: _filter_major(pull(p)[0], groups, transposed).to(weight.dtype), ys.shape, ys.dtype,
-                        weight.dim(), scale)
+    # rules see output channels at dimension 1: a linear layer's leading dimensions become rows
+    y_rule = ys.reshape(-1, ys.shape[-1]) if weight.dim() == 2 else ys
+    pullback = Pullback(lambda p: _filter_major(pull(p.reshape(ys.shape))[0], groups, transposed).to(weight.dtype),
+                        y_rule, weight.dim(), scale)
     old = _filter_major(weight, groups, transposed)
-    new = local_rule.new_weight(old, pullback.flat_output(ys), pullback, lr)
+    new = local_rule.new_weight(old, y_rule, pullback, lr)
     if new is None:
         return y
     new = _filter_major(new.to(weight.dtype), groups, transposed)

@@ -39,25 +39,21 @@ __all__ = ["Pullback", "LocalRule", "Hebbian", "Oja", "SoftHebb", "Freeze", "reg
 class Pullback:
     """The update GEMM of one layer call: its weight's vector-Jacobian product, averaged.
 
-    Built by :func:`localsgd_fx.ops.local_update` from ``torch.func.vjp`` of ``W ↦ layer(x, W)``;
-    ``pull(P)`` returns the weight gradient at cotangent ``P`` (shaped like the layer output) summed
-    over rows and positions, already filter-major and in the weight's dtype.
+    Built by :func:`localsgd_fx.ops.local_update` from ``torch.func.vjp`` of ``W ↦ layer(x, W)``.
+    ``y`` is the layer output as rules see it, output channels at dimension 1 (the op flattens a linear
+    layer's leading dimensions into rows); ``pull(P)``, for ``P`` shaped like ``y``, returns the weight
+    gradient at that cotangent, summed over rows and positions, filter-major and in the weight's dtype.
     """
 
-    #: The output-channel dimension of ``Y`` as the rule sees it (linear outputs are ``(rows, out)``).
+    #: The output-channel dimension of ``Y`` as rules see it.
     channel_dim: ClassVar[int] = 1
 
-    def __init__(self, pull: Callable[[Tensor], Tensor], y_shape: torch.Size, y_dtype: torch.dtype,
-                 weight_dims: int, scale: float = 1.0):
-        self._pull, self._shape, self._dtype, self._dims = pull, y_shape, y_dtype, weight_dims
-        self._count = y_shape.numel() // y_shape[-1] if weight_dims == 2 else y_shape.numel() // max(y_shape[1], 1)
+    def __init__(self, pull: Callable[[Tensor], Tensor], y: Tensor, weight_dims: int, scale: float = 1.0):
+        self._pull, self._dtype, self._dims = pull, y.dtype, weight_dims
+        self._count = y.numel() // max(y.shape[self.channel_dim], 1)   # rows x positions per output channel
         # fp16 tops out at 65504: a sum over N·H·W positions overflows, so the op scales X by `scale`
         # (≈ count**-0.5) and we scale P by it too; the GEMM then sums terms already divided by ~count
         self._scale = scale
-
-    def flat_output(self, y: Tensor) -> Tensor:
-        """``Y`` shaped like the rule sees it: ``(rows, out)`` for linear layers, unchanged for convs."""
-        return y.reshape(-1, y.shape[-1]) if self._dims == 2 else y
 
     def correlate(self, post: Tensor) -> Tensor:
         """``<post ⊗ X>``: filter-major, shape of the weight, averaged over rows and output positions.
@@ -65,7 +61,7 @@ class Pullback:
         The GEMM runs in the layer output's dtype (the autocast dtype under autocast: the GEMM the update
         saves would have run in it too); the result is in the weight's dtype.
         """
-        post = post.reshape(self._shape).to(self._dtype)
+        post = post.to(self._dtype)
         if self._scale != 1.0:
             return self._pull(post * self._scale) / (self._count * self._scale * self._scale)
         return self._pull(post) / self._count
@@ -97,7 +93,7 @@ class LocalRule(ABC):
     def cotangent(self, y: Tensor) -> Tensor:
         """``P``: the activity pulled back through the layer in place of the error (shaped like ``y``).
 
-        ``y`` is the layer output, ``(rows, out)`` for linear layers, ``(N, C_out, *spatial)`` for convs.
+        ``y`` is the layer output, output channels at dimension 1 (``(rows, out)`` for a linear layer).
         """
         raise NotImplementedError(f"rule {self.name!r} must define cotangent(y) (or override new_weight)")
 
@@ -115,7 +111,7 @@ class LocalRule(ABC):
 
         Args:
             weight: the current weight, filter-major (do not modify it).
-            y: the layer output, ``(rows, out)`` for linear layers, ``(N, C_out, *spatial)`` for convs.
+            y: the layer output, output channels at dimension 1 (``(rows, out)`` for a linear layer).
             pullback: ``pullback.correlate(P)`` is the update GEMM ``<P ⊗ X>``.
             lr: the local learning rate ``η`` (0-dim tensor, may be negative under weak supervision).
         """
