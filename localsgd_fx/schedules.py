@@ -85,8 +85,8 @@ GRADNORM_DEFAULT_PATIENCE: int = 2
 #: Budget: BUDGET - the fraction of the run's layer-FLOP-epochs that are local; MAX_SHARE - the most of the layer
 #: FLOPs the local prefix may hold (the deepest layers stay on SGD); START - no layer is local before this fraction
 #: of the run. Measured on two seeds beside plain SGD (docs/RESULTS.md, "Defaults that hold"): 0.2 stayed within
-#: 0.5 pp on ResNet-20 (8 and 20 epochs), ResNet-32 and VGG-11-BN (1.17-1.24x); 0.25 was faster (1.23-1.32x) but
-#: lost 0.95 pp on VGG-11-BN, so it is the faster preset, not the default.
+#: 0.5 pp on ResNet-20 (8 and 20 epochs), ResNet-32, ResNet-56 and VGG-11-BN (1.17-1.24x); 0.25 was faster
+#: (1.23-1.32x) but lost 0.60 pp on ResNet-56 and 0.95 pp on VGG-11-BN, so it is the faster preset, not the default.
 BUDGET_DEFAULT_BUDGET: float = 0.2
 BUDGET_DEFAULT_MAX_SHARE: float = 0.5
 BUDGET_DEFAULT_START: float = 0.25
