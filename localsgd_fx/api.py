@@ -335,9 +335,10 @@ class LocalSGDModule(nn.Module):
         if not isinstance(self.schedule, Budget) or not self.schedule.bound:
             return []
         order = self.graphs.order
-        plan, share = self.schedule.planned(order.flop_shares())
+        shares = order.flop_shares()
+        plan, share = self.schedule.planned(shares)
         line = f"planned t per epoch: {plan} ({share:.3f} of the layer-FLOP-epochs local"
-        if order.flop_shares() is None:     # FLOPs not measured yet: the plan assumed equal shares
+        if shares is None:     # FLOPs not measured yet: the plan assumed equal shares
             return [line + ", layers counted alike until the FLOPs are known)"]
         steps = sum(1.0 / speed_bound(order.local_fraction(t), self.rule.gemms, self.sample_fraction) for t in plan)
         return [line + f"; run-speedup bound {len(plan) / steps:.2f}x, GEMM model)"]
