@@ -31,7 +31,7 @@ from passes.partition import check_transition
 
 from .api import DEFAULT_SAMPLE_FRACTION
 from .atomic import atomic_write_text
-from .capture import TrainStep
+from .capture import TrainStep, recorder_for
 from .cli import OneLineParser
 from .cost import speed_bound
 from .metrics import SavedActivationMeter, format_table
@@ -175,7 +175,7 @@ def measure_steps(model_name: str = MODEL, *, transitions: list[int] | None = No
 
 def _train_step(model, mode: str, device: str, amp: str) -> TrainStep:
     """The benchmark's step of ``model`` in compile mode ``mode`` (a recorded step on CUDA for ``"capture"``)."""
-    recordable = mode == "capture" and device.startswith("cuda")
+    recordable = mode == "capture" and recorder_for(torch.device(device)) is not None
     # a recorded step reads its learning rate from a device tensor (see localsgd_fx.capture)
     opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(1e-3, device=device) if recordable else 1e-3,
                           momentum=0.9, **({"fused": True} if recordable else {}))

@@ -24,6 +24,10 @@ What makes a replay correct (everything the step reads is a device tensor, nothi
 Falls back to the eager step (and says why, once) for: a CPU, a batch of another size than the
 recorded one (a partial last batch), fp16 with a ``GradScaler`` (its inf check reads the host), and a
 data-parallel wrapper. An optimizer whose step cannot be recorded is refused with one line.
+
+The device-specific part (a side stream for the warm-up, recording, replay) is one small object,
+:class:`CudaGraphs`; the tests hand :class:`TrainStep` a CPU stand-in with the same semantics (ops replayed
+on the same tensors, Python values baked in), so everything around the recording is tested without a GPU.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from torch import Tensor, nn
 
 from passes.errors import LocalSGDError
 
-__all__ = ["TrainStep", "check_capturable"]
+__all__ = ["CudaGraphs", "TrainStep", "check_capturable", "recorder_for"]
 
 
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
@@ -53,6 +57,45 @@ def check_capturable(optimizer: torch.optim.Optimizer) -> None:
         f"{type(optimizer).__name__} (as configured) cannot be recorded in a CUDA graph: its step reads the "
         "learning rate or its state on the host. Use torch.optim.SGD(..., lr=torch.tensor(lr, device='cuda'), "
         "fused=True) or Adam/AdamW(..., capturable=True), or capture=False.")
+
+
+class CudaGraphs:
+    """How a CUDA device records a step: warm-up on a side stream, ``torch.cuda.graph``, replay."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        """Warm-up steps run on a side stream, as PyTorch's whole-network capture recipe asks."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def record(self, block: Callable[[], Any]) -> _CudaRecording:
+        """Record ``block`` (nothing of it runs); the recording's ``outputs`` are what ``block`` returned."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = block()
+        return _CudaRecording(graph, outputs)
+
+
+def recorder_for(device: torch.device) -> CudaGraphs | None:
+    """What records training steps on ``device``: CUDA graphs on a CUDA device, nothing elsewhere."""
+    return CudaGraphs(device) if device.type == "cuda" else None
+
+
+class _CudaRecording:
+    __slots__ = ("graph", "outputs")
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Any):
+        self.graph, self.outputs = graph, outputs
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 class TrainStep:
@@ -70,6 +113,8 @@ class TrainStep:
         log: where the one-line notes go (fallbacks).
         free_passed: free the recording of a ``t`` once a larger one is recorded (the schedule never moves back);
             a benchmark that moves ``t`` back and forth with ``force=True`` keeps them.
+        recorder: what records and replays a step (default: :class:`CudaGraphs` on a CUDA device, none
+            elsewhere); the tests pass a CPU stand-in.
 
     ``loss`` and ``output`` are device tensors; after a replay they are the graph's static outputs, valid
     until the next call, so read what you need from them (on the device) before calling again.
@@ -80,15 +125,16 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  *, autocast_dtype: torch.dtype | None = None, scaler: Any = None, capture: bool = True,
                  forward: nn.Module | None = None, log: Callable[[str], None] | None = None,
-                 free_passed: bool = True):
+                 free_passed: bool = True, recorder: Any = None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.autocast_dtype, self.scaler = autocast_dtype, scaler
         self.forward = forward if forward is not None else model
         self.log = log or (lambda msg: warnings.warn(msg, stacklevel=3))
         self.device = next(model.parameters()).device
+        self.recorder = recorder if recorder is not None else recorder_for(self.device)
         why_not = self._why_not_capture(capture)
         self.capture = why_not is None
-        if capture and why_not is not None and self.device.type == "cuda":
+        if capture and why_not is not None and self.recorder is not None:
             self.log(f"note: training steps run eagerly, not recorded as CUDA graphs: {why_not}")
         if self.capture:
             check_capturable(optimizer)
@@ -100,7 +146,7 @@ class TrainStep:
     def _why_not_capture(self, capture: bool) -> str | None:
         if not capture:
             return "capture is off"
-        if self.device.type != "cuda":
+        if self.recorder is None:
             return "the model is not on a CUDA device"
         if self.scaler is not None:
             return "fp16 with a gradient scaler cannot be recorded (its overflow check reads the host); use bf16"
@@ -127,11 +173,8 @@ class TrainStep:
         if warm < self.WARMUP:
             start = time.perf_counter()
             self._warm[t] = warm + 1
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with self.recorder.side_stream():
                 out = self.eager(x, y)
-            torch.cuda.current_stream(self.device).wait_stream(side)
             self.account.capture_seconds += time.perf_counter() - start
             return out
         return self._record(t, x, y)
@@ -159,21 +202,23 @@ class TrainStep:
     # ---------------------------------------------------------------------------- recording
     def _record(self, t: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         start = time.perf_counter()
-        torch.cuda.synchronize(self.device)
         if self.free_passed:
             self._free_unreachable(t)
         model, graph_module = self.model, self.model.graphs.graph(t)
         static_x, static_y = x.clone(), y.clone()
         self.optimizer.zero_grad(set_to_none=True)   # the recorded backward writes the gradients afresh
-        graph = torch.cuda.CUDAGraph()
+
+        def block():
+            with self._autocast(), torch.set_grad_enabled(True):
+                output = graph_module(static_x)
+                loss = self.loss_fn(output, static_y)
+            loss.backward()
+            self.optimizer.step()
+            model.observe_loss(loss.detach())
+            return loss.detach(), output.detach()
+
         try:
-            with torch.cuda.graph(graph):
-                with self._autocast(), torch.set_grad_enabled(True):
-                    output = graph_module(static_x)
-                    loss = self.loss_fn(output, static_y)
-                loss.backward()
-                self.optimizer.step()
-                model.observe_loss(loss.detach())
+            recording = self.recorder.record(block)
         except RuntimeError as exc:
             # nothing of a failed recording ran on the device: train on, eagerly, and say so once
             self.capture = False
@@ -182,10 +227,9 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             return self.eager(x, y)
         # nothing ran yet: this batch is a step too, so replay it once
-        recorded = self._graphs[t] = _Recorded(graph, static_x, static_y, loss.detach(), output.detach(),
-                                               [p.grad for p in model.parameters()])
+        recorded = self._graphs[t] = _Recorded(recording, static_x, static_y, [p.grad for p in model.parameters()])
         model.driver.step()
-        graph.replay()
+        recording.replay()
         self.account.captures += 1
         self.account.capture_seconds += time.perf_counter() - start
         return recorded.loss, recorded.output
@@ -203,12 +247,13 @@ class TrainStep:
 
 
 class _Recorded:
-    """One recorded step: the graph, its static inputs and outputs, and the gradients it writes."""
+    """One recorded step: the recording, its static inputs and outputs, and the gradients it writes."""
 
-    __slots__ = ("graph", "x", "y", "loss", "output", "grads")
+    __slots__ = ("recording", "x", "y", "loss", "output", "grads")
 
-    def __init__(self, graph, x, y, loss, output, grads):
-        self.graph, self.x, self.y, self.loss, self.output = graph, x, y, loss, output
+    def __init__(self, recording, x, y, grads):
+        self.recording, self.x, self.y = recording, x, y
+        self.loss, self.output = recording.outputs
         self.grads = grads   # kept alive: the replays write into them
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
@@ -217,4 +262,4 @@ class _Recorded:
     def replay(self, x: Tensor, y: Tensor) -> None:
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
-        self.graph.replay()
+        self.recording.replay()

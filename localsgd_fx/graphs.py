@@ -4,7 +4,7 @@
 
 - ``"eager"``: the rewritten ``GraphModule`` of ``t`` itself;
 - ``"compiled"``: ``torch.compile`` of it (:class:`CompiledRunner`), specialised to one batch size;
-- whole training steps recorded as CUDA graphs (:class:`~localsgd_fx.capture.CapturedStep`) take the eager
+- whole training steps recorded as CUDA graphs (:class:`~localsgd_fx.capture.TrainStep`) take the eager
   graph of ``t`` from here and charge their recording time to the same account.
 
 Under ``compile="auto"`` the cache asks :class:`~localsgd_fx.runtime.AutoCompile` before each training

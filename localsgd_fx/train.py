@@ -52,7 +52,7 @@ from passes.errors import LocalSGDError
 
 from .api import DEFAULT_LOCAL_LR, DEFAULT_RULE, DEFAULT_SAMPLE_FRACTION, LocalSGDModule, compile_localsgd
 from .atomic import atomic_write_text
-from .capture import TrainStep
+from .capture import TrainStep, recorder_for
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -516,7 +516,7 @@ class Trainer:
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
-        recordable = capture and self.device.type == "cuda"
+        recordable = capture and recorder_for(self.device) is not None
         # a recorded step reads the learning rate from a device tensor (the scheduler fills it in place)
         lr = torch.tensor(config.lr, device=self.device) if recordable else config.lr
         self.optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum,
@@ -525,6 +525,9 @@ class Trainer:
                               scaler=self.scaler, capture=capture,
                               forward=self.data_parallel if self.data_parallel is not None else self.model,
                               log=self.log)
+        if config.compile == "capture" and not recordable:
+            self.log(f"note: --compile capture records training steps as CUDA graphs, which needs a CUDA device; "
+                     f"on {self.device.type} the steps run eagerly")
         self.test_batches = Batches(self.test_set, config.eval_batch_size * n, shuffle=False, device=self.device,
                                     **shards)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor())

@@ -90,6 +90,18 @@ MUTANTS = [
     Mutant("one-graph-any-batch", "a compiled graph runs every batch size (recompiles on a partial batch)",
            "localsgd_fx/graphs.py", "        elif size != self.batch:\n", "        elif False:\n",
            ("tests/test_step_path.py::test_compiled_run_makes_one_forward_and_one_backward_graph_per_distinct_t",)),
+    # the recorded step (issue 20), caught on a CPU by the stand-in recorder (tests/helpers/replay.py)
+    Mutant("replay-stale-batch", "a replay does not copy the batch into the recording's inputs",
+           "localsgd_fx/capture.py", "        self.x.copy_(x, non_blocking=True)\n", "",
+           ("tests/test_capture.py::test_recorded_steps_agree_with_eager_across_a_move_of_t",)),
+    Mutant("replay-uncounted", "a replayed step is not counted (the schedule sees too few steps)",
+           "localsgd_fx/capture.py", "            self.model.driver.step()          # the recorded forward",
+           "            pass  #",
+           ("tests/test_capture.py::test_recorded_steps_agree_with_eager_across_a_move_of_t",)),
+    Mutant("record-stale-grads", "gradients of the warm-up steps are kept into the recording (replays accumulate)",
+           "localsgd_fx/capture.py",
+           "        self.optimizer.zero_grad(set_to_none=True)   # the recorded backward writes the gradients afresh\n",
+           "", ("tests/test_capture.py::test_recorded_steps_agree_with_eager_across_a_move_of_t",)),
     # layer kinds (issue 21/25): transposed convs seen filter-major, opaque calls kept out of the prefix
     Mutant("filter-major", "a transposed conv's weight is not permuted to filter-major for the rule",
            "localsgd_fx/ops.py", "    if not transposed:\n        return weight\n", "    return weight\n",
