@@ -503,7 +503,7 @@ class Trainer:
                                   f"pass 0..{n - 1}; at least the last layer must learn by SGD")
         # a GPU run under compile="auto" records each t's whole step as a CUDA graph (no compiler in the loop),
         # where a recording can work: one process, no fp16 gradient scaler
-        capture = config.compile == "capture" or (config.compile == "auto" and self.device.type == "cuda"
+        capture = config.compile == "capture" or (config.compile == "auto" and recorder_for(self.device) is not None
                                                   and self.world_size == 1 and config.amp != "fp16")
         self.model = compile_localsgd(
             net, rule=config.rule, schedule=schedule,

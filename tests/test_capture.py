@@ -198,34 +198,44 @@ def test_cuda_fp16_with_a_scaler_runs_eagerly_and_says_so():
 
 
 @pytest.mark.single_thread
-@pytest.mark.parametrize("amp,channels_last", [("off", False), ("bf16", True)])
-def test_the_trainer_recorded_trains_exactly_as_it_does_eagerly(data_dir, monkeypatch, amp, channels_last):
+@pytest.mark.parametrize("variant", [
+    dict(rule="hebbian", local_lr=0.01),                                        # t = 0, 0, 1, 2
+    dict(rule="hebbian", local_lr=0.01, amp="bf16", channels_last=True),
+    # moves inside epochs (every 3 steps, from the gradient-norm signal the recorded step accumulates)
+    dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1, decide_every=3, epochs=5)],
+    ids=["linear-hebbian", "linear-hebbian-bf16-cl", "plasticity-every-3-steps"])
+def test_the_trainer_recorded_trains_exactly_as_it_does_eagerly(data_dir, monkeypatch, variant):
     """The trainer's recorded path end to end (what compile=auto does on a GPU), on the CPU stand-in: a
-    moving boundary (t = 0, 0, 1, 2), the Hebbian rule with weak supervision following the cosine learning
-    rate, a partial last batch, evaluation. Beside it the same trainer with its step forced eager: every epoch's
-    figures and the final weights agree exactly."""
+    moving boundary, the Hebbian rule with weak supervision following the cosine learning rate, or a schedule
+    that reads the boundary's signal and moves inside epochs; a partial last batch, evaluation. Beside it the
+    same trainer with its step forced eager: every epoch's figures and the final weights agree exactly."""
     stand_in = OpRecorder()
     monkeypatch.setattr(capture_module, "recorder_for", lambda device: stand_in)
     monkeypatch.setattr(train_module, "recorder_for", lambda device: stand_in)
-    cfg = TrainConfig(model="smallcnn", data_dir=data_dir, train_subset=None, test_subset=None, epochs=4,
-                      batch_size=30, lr=0.05, progress=False, schedule="linear", c1=3, c2=0, rule="hebbian",
-                      local_lr=0.01, sample_fraction=0.5, augment=True, device="cpu", compile="capture", amp=amp,
-                      channels_last=channels_last)
+    cfg = TrainConfig(**{**dict(model="smallcnn", data_dir=data_dir, train_subset=None, test_subset=None, epochs=4,
+                                batch_size=30, lr=0.05, progress=False, schedule="linear", c1=3, c2=0,
+                                sample_fraction=0.5, augment=True, device="cpu", compile="capture"), **variant})
     recorded, eager = Trainer(cfg, log=None), Trainer(cfg, log=None)
     eager.step.capture = False
     assert recorded.step.capture and recorded.step.recorder is not None
     assert len(recorded.train_set) % cfg.batch_size        # a partial last batch: that step runs eagerly
     keys = ("t", "t_next", "train_loss", "train_acc", "test_loss", "test_acc", "local_lr", "lr")
-    for epoch in range(cfg.epochs):
+    trained: set[int] = set()                                     # the t a step has run at
+    for epoch in range(1, cfg.epochs + 1):
         a, b = recorded.train_epoch(), eager.train_epoch()
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
-        new_t = epoch == 0 or a["t"] != recorded.metrics[-2]["t"]      # warm-up steps and a recording
-        assert (a["capture_s"] > 0) == new_t and b["capture_s"] == 0
-    assert [r["t"] for r in recorded.metrics] == [0, 0, 1, 2]
-    # one recording per t; per epoch 3 warm-up steps, then the recording's step and replays, the partial batch eager
-    per_epoch = len(recorded.batches)
-    assert recorded.model.graphs.account.captures == stand_in.recordings == 3
-    assert stand_in.replays == 4 * per_epoch - 3 * TrainStep.WARMUP - 4
+        ts = {a["t"]} | {h["transition"] for h in recorded.model.history       # and moves inside the epoch
+                         if h.get("step", 0) and h["epoch"] == epoch and h["step"] < len(recorded.batches)}
+        assert (a["capture_s"] > 0) == bool(ts - trained) and b["capture_s"] == 0   # warm-up and recording at a new t
+        trained |= ts
+    moves = [h for h in recorded.model.history if h["transition"] > h["transition_before"]]
+    if variant.get("schedule") == "plasticity":
+        assert any("step" in h for h in moves)                   # a move inside an epoch
+    else:
+        assert [r["t"] for r in recorded.metrics] == [0, 0, 1, 2]
+        # per t 3 warm-up steps, then the recording's own step and replays; each epoch's partial batch runs eagerly
+        assert stand_in.replays == 4 * len(recorded.batches) - 3 * TrainStep.WARMUP - 4
+    assert recorded.model.graphs.account.captures == stand_in.recordings == len(trained)   # one recording per t
     tensors = [list(t.model.parameters()) + list(t.model.buffers()) for t in (recorded, eager)]   # weak supervision's
     assert all(torch.equal(p, q) for p, q in zip(*tensors))
 
@@ -258,3 +268,26 @@ def test_the_trainer_says_once_that_a_cpu_cannot_record(data_dir):
     assert [n for n in notes if "capture" in n] == [
         "note: --compile capture records training steps as CUDA graphs, which needs a CUDA device; on cpu the steps "
         "run eagerly"]
+
+
+def test_the_end_to_end_gpu_comparison_runs_through_on_the_stand_in(data_dir, tmp_path, monkeypatch, capsys):
+    """The end-to-end part of ``benchmarks/gpu_targets.sh capture`` at toy size on the CPU stand-in: plain SGD
+    recorded, the defaults and their Hebbian twin under ``--compile auto`` (which records where a device can),
+    bf16 + channels-last. Every arm records one step per t it trains at, and the report carries it."""
+    stand_in = OpRecorder()
+    monkeypatch.setattr(capture_module, "recorder_for", lambda device: stand_in)
+    monkeypatch.setattr(train_module, "recorder_for", lambda device: stand_in)
+    arms = ["SGD capture", "freeze budget", "LoCal budget"]
+    assert cli_main(["bench", "tradeoff", "--quick", "--data-dir", data_dir, "--train-subset", "0", "--test-subset",
+                     "0", "--epochs", "4", "--seeds", "0", "--arms", *arms, "--amp", "bf16", "--channels-last",
+                     "--compile", "auto", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "tradeoff.json").read_text())["runs"]
+    distinct_t = 0
+    for arm in arms:
+        (records,) = runs[arm]
+        ts = [r["t"] for r in records]
+        assert [r["capture_s"] > 0 for r in records] == [i == 0 or ts[i] != ts[i - 1] for i in range(len(ts))], arm
+        distinct_t += len(set(ts))
+    assert len(set(r["t"] for r in runs["freeze budget"][0])) > 1          # the boundary moved: recorded again
+    assert stand_in.recordings == distinct_t and stand_in.replays > 0
+    assert "SGD capture" in capsys.readouterr().out
