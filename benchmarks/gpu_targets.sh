@@ -4,9 +4,11 @@
 #
 #   bash benchmarks/gpu_targets.sh OUT_DIR [capture|step|default-run|tradeoff|all]
 #
-# "capture" comes first (the most important part, ~6 min on an H100): the whole training step recorded
-# as a CUDA graph per t (no compiler), for the step ratios and the seconds each move costs, then the end-to-end
-# 20-epoch trade-off where the trainer's compile=auto records on a GPU and the SGD arm gets the same recording.
+# "capture" comes first (the most important part; estimated ~6-8 min on an H100, never run yet): the whole
+# training step recorded as a CUDA graph per t (no compiler). Its end-to-end 20-epoch trade-off runs first (the
+# trainer's compile=auto records on a GPU, and the SGD arm gets the same recording), then the step ratios and the
+# seconds each move costs. Before it, on a fresh GPU (~1 min):
+#   python3 -m pytest -q -m cuda tests/test_capture.py tests/test_step_path.py
 #
 # Needs a CUDA device and Fashion-MNIST (the four .gz files in $LOCALSGD_DATA or a standard place).
 # Every comparison is measured side by side in one process (bench step interleaves its arms) or as
@@ -19,6 +21,12 @@ run() { echo "+ $*" | tee -a "$out/commands.txt"; "$@"; }
 py="python3 -m localsgd_fx"
 
 if [[ $what == capture || $what == all ]]; then
+  # end to end first (the headline target): plain SGD recorded and under torch.compile's CUDA graphs (the fastest
+  # is the reference of "vs fastest SGD"), the default arm (freeze budget) and its hebbian twin, both recorded
+  # per t (compile auto on a GPU)
+  run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
+      --arms "SGD capture" "SGD reduce-overhead" "freeze budget" "LoCal budget" --amp bf16 --channels-last \
+      --compile auto --out "$out/tradeoff_capture"
   # step ratios with every arm (SGD too) recorded per t; compile s column = warm-up + recording per move
   run $py bench step --model resnet20 --transitions 21 --repeats 31 --rule freeze --compile capture \
       --json "$out/step_resnet20_freeze_capture.json" | tee "$out/step_resnet20_freeze_capture.txt"
@@ -27,11 +35,6 @@ if [[ $what == capture || $what == all ]]; then
   run $py bench step --model resnet50 --in-channels 3 --image-size 64 --batch-size 128 --amp bf16 --channels-last \
       --transitions 53 --repeats 21 --compile capture \
       --json "$out/step_resnet50_bf16_cl_capture.json" | tee "$out/step_resnet50_bf16_cl_capture.txt"
-  # end to end: plain SGD recorded and under torch.compile's CUDA graphs (the fastest is the reference of
-  # "vs fastest SGD"), the default arm (freeze budget) and its hebbian twin, both recorded per t (compile auto on a GPU)
-  run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
-      --arms "SGD capture" "SGD reduce-overhead" "freeze budget" "LoCal budget" --amp bf16 --channels-last \
-      --compile auto --out "$out/tradeoff_capture"
 fi
 
 if [[ $what == step || $what == all ]]; then
