@@ -4,8 +4,8 @@ CPU: the step runs eagerly and gives exactly the hand-written step's results, wi
 recordable-optimizer check refuses what a recording would get wrong. Recorded, both with a CPU stand-in for
 CUDA graphs (exactly) and on a GPU (CUDA-marked, within tolerances): steps agree with eager ones over k steps,
 across a move of t and a learning rate that changes every step, for freeze and hebbian, with bf16 +
-channels-last; a replay reads nothing on the host; a partial batch runs eagerly. CUDA only: fp16 with a
-scaler runs eagerly.
+channels-last; a replay reads nothing on the host; a partial batch runs eagerly. Stand-in only: every zoo model,
+the trainer end to end and the benchmarks' recorded paths. CUDA only: fp16 with a scaler runs eagerly.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import localsgd_fx.bench as bench_module
 import localsgd_fx.capture as capture_module
 import localsgd_fx.train as train_module
+import models_zoo
 from helpers.replay import OpRecorder
 from helpers.steps import no_host_reads, small_net
 from localsgd_fx import compile_localsgd
@@ -38,10 +39,10 @@ def twins(rule: str, device: str = "cpu", memory_format=torch.preserve_format):
     return net, twin, compile_localsgd(net, **kwargs), compile_localsgd(twin, **kwargs)
 
 
-def batches(n: int, device: str = "cpu", size: int = 8):
+def batches(n: int, device: str = "cpu", size: int = 8, shape: tuple[int, ...] = (1, 6, 6), classes: int = 3):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(size, 1, 6, 6, generator=g).to(device), torch.randint(0, 3, (size,), generator=g).to(device))
-            for _ in range(n)]
+    return [(torch.randn(size, *shape, generator=g).to(device),
+             torch.randint(0, classes, (size,), generator=g).to(device)) for _ in range(n)]
 
 
 @pytest.mark.parametrize("rule", ["freeze", "hebbian"])
@@ -291,3 +292,26 @@ def test_the_end_to_end_gpu_comparison_runs_through_on_the_stand_in(data_dir, tm
     assert len(set(r["t"] for r in runs["freeze budget"][0])) > 1          # the boundary moved: recorded again
     assert stand_in.recordings == distinct_t and stand_in.replays > 0
     assert "SGD capture" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", models_zoo.list_models())
+def test_every_zoo_model_records_exactly_on_the_stand_in(name):
+    """A recorded Hebbian step of every zoo model (residual adds, concatenations, depthwise convs, dropout)
+    replays the eager step exactly: nothing a model computes on the host is baked into its recording."""
+    torch.manual_seed(0)
+    net = models_zoo.get_model(name, num_classes=10, in_channels=1)
+    twin = copy.deepcopy(net)
+    lm, ref = (compile_localsgd(m, rule="hebbian", schedule="manual") for m in (net, twin))
+    for m in (lm, ref):
+        m.set_transition(m.max_local // 2)
+    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
+    eager = TrainStep(ref, recordable_sgd(ref, "cpu"), F.cross_entropy, capture=False)
+    for i, (x, y) in enumerate(batches(TrainStep.WARMUP + 3, size=4, shape=(1, 32, 32), classes=10)):
+        torch.manual_seed(i)              # dropout draws the same masks in both
+        a, _ = step(x, y)
+        torch.manual_seed(i)
+        b, _ = eager(x, y)
+        assert torch.equal(a, b), i
+    assert step.account.captures == 1
+    state = [[*m.parameters(), *m.buffers()] for m in (lm, ref)]
+    assert all(torch.equal(p, q) for p, q in zip(*state))
