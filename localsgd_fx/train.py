@@ -503,7 +503,8 @@ class Trainer:
                                   f"pass 0..{n - 1}; at least the last layer must learn by SGD")
         # a GPU run under compile="auto" records each t's whole step as a CUDA graph (no compiler in the loop),
         # where a recording can work: one process, no fp16 gradient scaler
-        capture = config.compile == "capture" or (config.compile == "auto" and recorder_for(self.device) is not None
+        can_record = recorder_for(self.device) is not None
+        capture = config.compile == "capture" or (config.compile == "auto" and can_record
                                                   and self.world_size == 1 and config.amp != "fp16")
         self.model = compile_localsgd(
             net, rule=config.rule, schedule=schedule,
@@ -516,7 +517,7 @@ class Trainer:
         # fp16 needs loss scaling (bf16 has fp32's range); the local rules never see the scaled loss
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         self.data_parallel = LocalSGDDataParallel(self.model) if self.world_size > 1 else None
-        recordable = capture and recorder_for(self.device) is not None
+        recordable = capture and can_record
         # a recorded step reads the learning rate from a device tensor (the scheduler fills it in place)
         lr = torch.tensor(config.lr, device=self.device) if recordable else config.lr
         self.optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum,
