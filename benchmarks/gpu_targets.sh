@@ -4,11 +4,14 @@
 #
 #   bash benchmarks/gpu_targets.sh OUT_DIR [capture|step|default-run|tradeoff|all]
 #
-# "capture" comes first (the most important part; estimated ~6-8 min on an H100, never run yet): the whole
-# training step recorded as a CUDA graph per t (no compiler). Its end-to-end 20-epoch trade-off runs first (the
-# trainer's compile=auto records on a GPU, and the SGD arm gets the same recording), then the step ratios and the
-# seconds each move costs. Before it, on a fresh GPU (~1 min):
-#   python3 -m pytest -q -m cuda tests/test_capture.py tests/test_step_path.py
+# "capture" comes first (the most important part; estimated ~7-9 min on an H100, never run yet): the whole
+# training step recorded as a CUDA graph per t (no compiler). It starts with the CUDA-marked tests of the recorded
+# step (~1 min, capped at 4; their verdict says whether the numbers after them can be trusted), then the
+# end-to-end 20-epoch trade-off (the headline target: the trainer's compile=auto records on a GPU, and the SGD arm
+# gets the same recording), then the step ratios and the seconds each move costs.
+#
+# A failing command is logged to OUT_DIR/failed.txt and the next one still runs (a lent GPU's minutes are few:
+# one call should bring back everything that works); the script exits 1 if any failed.
 #
 # Needs a CUDA device and Fashion-MNIST (the four .gz files in $LOCALSGD_DATA or a standard place).
 # Every comparison is measured side by side in one process (bench step interleaves its arms) or as
@@ -17,10 +20,22 @@ set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_targets.sh OUT_DIR [capture|step|default-run|tradeoff|all]}
 what=${2:-all}
 mkdir -p "$out"
-run() { echo "+ $*" | tee -a "$out/commands.txt"; "$@"; }
+failed_lines() { if [[ -f $out/failed.txt ]]; then wc -l < "$out/failed.txt"; else echo 0; fi; }
+failures_before=$(failed_lines)
+run() {   # log the command, run it, and on failure note it and go on
+  echo "+ $*" | tee -a "$out/commands.txt"
+  local rc=0; "$@" || rc=$?
+  # (a file, not a variable: "run ... | tee" runs in a subshell)
+  if (( rc != 0 )); then echo "exit $rc: $*" | tee -a "$out/failed.txt"; fi
+  return 0
+}
 py="python3 -m localsgd_fx"
 
 if [[ $what == capture || $what == all ]]; then
+  # the recorded step against the eager one (CUDA-marked tests); a hang must not eat the call
+  run timeout 240 python3 -m pytest -q -m cuda tests/test_capture.py tests/test_step_path.py \
+      > "$out/cuda_tests.txt" 2>&1
+  tail -3 "$out/cuda_tests.txt"
   # end to end first (the headline target): plain SGD recorded and under torch.compile's CUDA graphs (the fastest
   # is the reference of "vs fastest SGD"), the default arm (freeze budget) and its hebbian twin, both recorded
   # per t (compile auto on a GPU)
@@ -73,3 +88,6 @@ if [[ $what == tradeoff || $what == all ]]; then
   run $py bench tradeoff --device cuda --train-subset 0 --test-subset 0 --epochs 20 --seeds 0 \
       --arms SGD "freeze budget" "LoCal budget" "freeze dynamic" --amp bf16 --channels-last --compile auto --out "$out/tradeoff_full"
 fi
+
+failures=$(( $(failed_lines) - failures_before ))
+if (( failures > 0 )); then echo "$failures command(s) failed: see $out/failed.txt"; exit 1; fi
