@@ -102,6 +102,10 @@ MUTANTS = [
            "localsgd_fx/capture.py",
            "        self.optimizer.zero_grad(set_to_none=True)   # the recorded backward writes the gradients afresh\n",
            "", ("tests/test_capture.py::test_recorded_steps_agree_with_eager_across_a_move_of_t",)),
+    Mutant("step-host-tensor", "the step makes a tensor from host data (a host-to-device copy capture refuses)",
+           "localsgd_fx/supervision.py", "        ok = torch.isfinite(loss)\n",
+           "        ok = torch.isfinite(loss) & torch.tensor(True, device=loss.device)\n",
+           ("tests/test_capture.py::test_every_local_rule_records_exactly_on_the_stand_in",)),
     # layer kinds (issue 21/25): transposed convs seen filter-major, opaque calls kept out of the prefix
     Mutant("filter-major", "a transposed conv's weight is not permuted to filter-major for the rule",
            "localsgd_fx/ops.py", "    if not transposed:\n        return weight\n", "    return weight\n",

@@ -4,8 +4,10 @@ CPU: the step runs eagerly and gives exactly the hand-written step's results, wi
 recordable-optimizer check refuses what a recording would get wrong. Recorded, both with a CPU stand-in for
 CUDA graphs (exactly) and on a GPU (CUDA-marked, within tolerances): steps agree with eager ones over k steps,
 across a move of t and a learning rate that changes every step, for freeze and hebbian, with bf16 +
-channels-last; a replay reads nothing on the host; a partial batch runs eagerly. Stand-in only: every zoo model,
-the trainer end to end and the benchmarks' recorded paths. CUDA only: fp16 with a scaler runs eagerly.
+channels-last; a replay reads nothing on the host; a partial batch runs eagerly. Stand-in only: what capture
+refuses makes the recording fail and the step train on eagerly; every local rule and weak-supervision mode;
+every zoo model; the trainer end to end (also with signal schedules moving t inside epochs) and the benchmarks'
+recorded paths. CUDA only: fp16 with a scaler runs eagerly.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from helpers.steps import no_host_reads, small_net
 from localsgd_fx import compile_localsgd
 from localsgd_fx.capture import TrainStep, check_capturable
 from localsgd_fx.cli import main as cli_main
+from localsgd_fx.rules import list_rules
+from localsgd_fx.supervision import MODES
 from localsgd_fx.train import TrainConfig, Trainer
 from passes.errors import LocalSGDError
 
@@ -166,22 +170,34 @@ def test_replay_reads_nothing_on_the_host_and_a_partial_batch_runs_eagerly(devic
     assert out.shape[0] == 5 and not torch.equal(w, lm.model[3].weight)
 
 
-def test_the_stand_in_refuses_a_host_read_and_the_step_trains_on_eagerly():
-    """What a recording does with a step that reads the host (here a loss function that does): it fails,
-    says so once, and the step runs eagerly from then on."""
+def _loss_reading_the_host(output, target):
+    loss = F.cross_entropy(output, target)
+    return loss if loss.item() < 1e9 else loss * 0
+
+
+def _loss_making_a_tensor_from_host_data(output, target):
+    return F.cross_entropy(output, target) * torch.tensor(1.0)   # on a GPU: a host-to-device copy
+
+
+def _loss_of_the_masked_rows(output, target):
+    keep = target >= 0
+    return F.cross_entropy(output[keep], target[keep])          # a boolean mask: its size is read on the host
+
+
+@pytest.mark.parametrize("loss_fn, why", [(_loss_reading_the_host, "reads a tensor on the host"),
+                                          (_loss_making_a_tensor_from_host_data, "makes a tensor from host data"),
+                                          (_loss_of_the_masked_rows, "sizes its output by tensor values")])
+def test_the_stand_in_refuses_what_capture_refuses_and_the_step_trains_on_eagerly(loss_fn, why):
+    """What a recording does with a step that capture refuses (here a loss function that reads the host, makes a
+    tensor from host data or masks rows): it fails, says so once, and the step runs eagerly from then on."""
     _, _, lm, _ = twins("freeze")
-
-    def loss_reading_the_host(output, target):
-        loss = F.cross_entropy(output, target)
-        return loss if loss.item() < 1e9 else loss * 0
-
     notes = []
-    step = TrainStep(lm, recordable_sgd(lm, "cpu"), loss_reading_the_host, recorder=OpRecorder(), log=notes.append)
+    step = TrainStep(lm, recordable_sgd(lm, "cpu"), loss_fn, recorder=OpRecorder(), log=notes.append)
     w = [p.detach().clone() for p in lm.parameters()]
     for x, y in batches(TrainStep.WARMUP + 2):
         step(x, y)
     assert not step.capture and step.account.captures == 0
-    assert len(notes) == 1 and "recording the training step as a CUDA graph failed" in notes[0]
+    assert len(notes) == 1 and "recording the training step as a CUDA graph failed" in notes[0] and why in notes[0]
     assert all(not torch.equal(a, b) for a, b in zip(w[-2:], list(lm.parameters())[-2:]))   # it kept training
 
 
@@ -203,8 +219,9 @@ def test_cuda_fp16_with_a_scaler_runs_eagerly_and_says_so():
     dict(rule="hebbian", local_lr=0.01),                                        # t = 0, 0, 1, 2
     dict(rule="hebbian", local_lr=0.01, amp="bf16", channels_last=True),
     # moves inside epochs (every 3 steps, from the gradient-norm signal the recorded step accumulates)
-    dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1, decide_every=3, epochs=5)],
-    ids=["linear-hebbian", "linear-hebbian-bf16-cl", "plasticity-every-3-steps"])
+    dict(schedule="plasticity", c1=None, c2=None, threshold=0.9, shift=1, decide_every=3, epochs=5),
+    dict(schedule="gradnorm", c1=None, c2=None, threshold=1.0, shift=1, decide_every=3, epochs=5)],
+    ids=["linear-hebbian", "linear-hebbian-bf16-cl", "plasticity-every-3-steps", "gradnorm-every-3-steps"])
 def test_the_trainer_recorded_trains_exactly_as_it_does_eagerly(data_dir, monkeypatch, variant):
     """The trainer's recorded path end to end (what compile=auto does on a GPU), on the CPU stand-in: a
     moving boundary, the Hebbian rule with weak supervision following the cosine learning rate, or a schedule
@@ -230,7 +247,7 @@ def test_the_trainer_recorded_trains_exactly_as_it_does_eagerly(data_dir, monkey
         assert (a["capture_s"] > 0) == bool(ts - trained) and b["capture_s"] == 0   # warm-up and recording at a new t
         trained |= ts
     moves = [h for h in recorded.model.history if h["transition"] > h["transition_before"]]
-    if variant.get("schedule") == "plasticity":
+    if variant.get("schedule") in ("plasticity", "gradnorm"):
         assert any("step" in h for h in moves)                   # a move inside an epoch
     else:
         assert [r["t"] for r in recorded.metrics] == [0, 0, 1, 2]
@@ -313,5 +330,31 @@ def test_every_zoo_model_records_exactly_on_the_stand_in(name):
         b, _ = eager(x, y)
         assert torch.equal(a, b), i
     assert step.account.captures == 1
+    state = [[*m.parameters(), *m.buffers()] for m in (lm, ref)]
+    assert all(torch.equal(p, q) for p, q in zip(*state))
+
+
+@pytest.mark.parametrize("rule", list_rules())
+@pytest.mark.parametrize("weak_supervision", MODES)
+def test_every_local_rule_records_exactly_on_the_stand_in(rule, weak_supervision):
+    """Every registered local rule under every weak-supervision mode: its recorded step replays the eager step
+    exactly, across a move of t (what the rule and the supervision compute stays on the device)."""
+    torch.manual_seed(0)
+    net = small_net()
+    twin = copy.deepcopy(net)
+    kwargs = dict(rule=rule, schedule="manual", local_lr=0.05, weak_supervision=weak_supervision)
+    lm, ref = compile_localsgd(net, **kwargs), compile_localsgd(twin, **kwargs)
+    for m in (lm, ref):
+        m.set_transition(1)
+    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
+    eager = TrainStep(ref, recordable_sgd(ref, "cpu"), F.cross_entropy, capture=False)
+    for i, (x, y) in enumerate(batches(2 * (TrainStep.WARMUP + 2))):
+        if i == TrainStep.WARMUP + 2:
+            lm.set_transition(2)
+            ref.set_transition(2)
+        a, _ = step(x, y)
+        b, _ = eager(x, y)
+        assert torch.equal(a, b), i
+    assert step.account.captures == 2 and step.capture          # t = 1 and t = 2, each recorded, none refused
     state = [[*m.parameters(), *m.buffers()] for m in (lm, ref)]
     assert all(torch.equal(p, q) for p, q in zip(*state))

@@ -9,7 +9,9 @@ arguments as they were, and a replay calls the same ops on the same tensor objec
 into the tensor the recording produced (its "static address"). Tensors that existed before the recording
 and that it touched are restored afterwards, and so is the random number generator, so, as on a GPU,
 recording changes nothing; the first replay runs the step, and random ops draw anew at each replay. A host
-read inside the recording (``.item()``, ``bool(t)``, ...) raises, as capture does.
+read inside the recording (``.item()``, ``bool(t)``, ...) raises, as capture does, and so does a tensor made
+from host data (``torch.tensor(0.5)``: on a GPU a host-to-device copy, which capture refuses) or an op that
+sizes its output by tensor values (``x[mask]``, ``unique``: the size is read on the host).
 
 What it cannot show: CUDA-only failures (an op that is not capturable, the allocator's private pool,
 stream ordering). The CUDA-marked tests cover those on a GPU.
@@ -25,9 +27,25 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["OpRecorder"]
 
+aten = torch.ops.aten
 # ops that read a tensor's value on the host (a device-to-host sync on CUDA, refused while capturing)
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
+# ops whose output size depends on tensor values: on CUDA they read the size on the host
+VALUE_SIZED = {aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
+               aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+MASK_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+def _reads_sizes_on_the_host(func, args) -> bool:
+    """A value-sized op, or indexing with a boolean mask (``x[mask]``, ``x[mask] = v``: a nonzero inside)."""
+    if func in VALUE_SIZED:
+        return True
+    return func in MASK_INDEXED and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+
+
+# torch.tensor / as_tensor / from_numpy of host data inside the step: on CUDA a host-to-device copy, which capture
+# refuses (and which would bake the value in any case)
+HOST_DATA = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -47,6 +65,10 @@ class _Log(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in HOST_READS:
             raise RuntimeError(f"emulated CUDA graph capture: {func} reads a tensor on the host")
+        if _reads_sizes_on_the_host(func, args):
+            raise RuntimeError(f"emulated CUDA graph capture: {func} sizes its output by tensor values (a host read)")
+        if func in HOST_DATA:
+            raise RuntimeError(f"emulated CUDA graph capture: {func} makes a tensor from host data")
         # every tensor the op touches, not only those its schema marks as written: some schemas under-report
         # (native_batch_norm updates its running statistics with no "!" on them)
         for tensor in _tensors((args, kwargs)):
