@@ -64,7 +64,9 @@ class WeakSupervision(nn.Module):
     @torch.no_grad()
     def observe(self, loss: Tensor | float) -> None:
         """Record the loss of the step just taken; sets ``lr`` for the next step."""
-        loss = torch.as_tensor(loss).detach().to(self.lr.device, torch.float32).reshape(())
+        if not isinstance(loss, Tensor):   # a float (outside a training step): a tensor of it
+            loss = torch.tensor(float(loss))
+        loss = loss.detach().to(self.lr.device, torch.float32).reshape(())
         ok = torch.isfinite(loss)
         base = self.base_lr * self.rate_factor
         prev = torch.where(self.steps == 0, loss, self.loss_ema)

@@ -176,7 +176,11 @@ def _loss_reading_the_host(output, target):
 
 
 def _loss_making_a_tensor_from_host_data(output, target):
-    return F.cross_entropy(output, target) * torch.tensor(1.0)   # on a GPU: a host-to-device copy
+    return F.cross_entropy(output, target) * torch.tensor(1.0, device=output.device)   # a host-to-device copy
+
+
+def _loss_making_a_tensor_on_no_device(output, target):
+    return F.cross_entropy(output, target) * torch.ones(())      # on a GPU: a CPU tensor
 
 
 def _loss_of_the_masked_rows(output, target):
@@ -186,10 +190,12 @@ def _loss_of_the_masked_rows(output, target):
 
 @pytest.mark.parametrize("loss_fn, why", [(_loss_reading_the_host, "reads a tensor on the host"),
                                           (_loss_making_a_tensor_from_host_data, "makes a tensor from host data"),
+                                          (_loss_making_a_tensor_on_no_device, "torch.ones names no device"),
                                           (_loss_of_the_masked_rows, "sizes its output by tensor values")])
 def test_the_stand_in_refuses_what_capture_refuses_and_the_step_trains_on_eagerly(loss_fn, why):
     """What a recording does with a step that capture refuses (here a loss function that reads the host, makes a
-    tensor from host data or masks rows): it fails, says so once, and the step runs eagerly from then on."""
+    tensor from host data or on no named device, or masks rows): it fails, says so once, and the step runs eagerly
+    from then on."""
     _, _, lm, _ = twins("freeze")
     notes = []
     step = TrainStep(lm, recordable_sgd(lm, "cpu"), loss_fn, recorder=OpRecorder(), log=notes.append)

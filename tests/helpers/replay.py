@@ -10,7 +10,8 @@ into the tensor the recording produced (its "static address"). Tensors that exis
 and that it touched are restored afterwards, and so is the random number generator, so, as on a GPU,
 recording changes nothing; the first replay runs the step, and random ops draw anew at each replay. A host
 read inside the recording (``.item()``, ``bool(t)``, ...) raises, as capture does, and so does a tensor made
-from host data (``torch.tensor(0.5)``: on a GPU a host-to-device copy, which capture refuses) or an op that
+from host data (``torch.tensor(0.5, device=x.device)``: on a GPU a host-to-device copy, which capture
+refuses), a tensor made with no device named (``torch.zeros(n)``: a CPU tensor in a GPU step) or an op that
 sizes its output by tensor values (``x[mask]``, ``unique``: the size is read on the host).
 
 What it cannot show: CUDA-only failures (an op that is not capturable, the allocator's private pool,
@@ -22,6 +23,8 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -85,6 +88,19 @@ class _Log(TorchDispatchMode):
         return out
 
 
+class _NoDeviceNamed(TorchFunctionMode):
+    """Refuses a tensor made with no device named (``torch.zeros(n)``): in a GPU step it is a CPU tensor, which
+    fails the step or copies to the device inside the recording, where capture refuses it."""
+
+    FACTORIES = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            raise RuntimeError(f"emulated CUDA graph capture: torch.{func.__name__} names no device")
+        return func(*args, **kwargs)
+
+
 class _Recording:
     """One recorded block: ``replay()`` runs its ops again on the same tensors; ``outputs`` are static."""
 
@@ -118,7 +134,7 @@ class OpRecorder:
     def record(self, block: Callable[[], object]) -> _Recording:
         log, rng = _Log(), torch.get_rng_state()
         try:
-            with log:
+            with log, _NoDeviceNamed():
                 outputs = block()
         finally:
             with torch.no_grad():                # as on a GPU, the recording itself changed nothing
