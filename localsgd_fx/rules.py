@@ -120,7 +120,7 @@ class LocalRule(ABC):
         decay = self.filter_decay(y, post)
         if decay is not None:
             delta = delta - pullback.channel_mean(decay) * weight
-        return self.finish(weight + lr * delta, weight)
+        return self.finish(torch.addcmul(weight, lr, delta), weight)   # W + η·ΔW in one kernel
 
     @property
     def key(self) -> str:

@@ -36,6 +36,30 @@ def twins(**kwargs):
     return a, b
 
 
+# ------------------------------------------------------------------------------- kernels per step
+def _step_kernels():
+    """``benchmarks/step_kernels.py``, the count behind RESULTS' kernels table."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_kernels.py"
+    spec = importlib.util.spec_from_file_location("step_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.step_kernels
+
+
+def test_a_local_prefix_keeps_the_kernels_a_recorded_step_replays_few():
+    """A recorded GPU step keeps every kernel, however small: the frozen prefix must replay well under SGD's
+    kernels, and a Hebbian update stay within its 14 kernels per layer (the GEMM, averaging, addcmul, row rescale,
+    guard). A rule or guard that grows by a kernel per layer shows here first."""
+    count = _step_kernels()
+    settings = dict(batch=2, image=28, in_channels=1, amp=None, sample_fraction=None)
+    sgd, frozen, hebbian = (sum(count("resnet20", rule, t, **settings).values())
+                            for rule, t in (("freeze", 0), ("freeze", 21), ("hebbian", 21)))
+    assert frozen <= 0.6 * sgd                 # 101 of 173 when written
+    assert hebbian - frozen <= 14 * 21         # 294 when written
+
+
 # ------------------------------------------------------------------------------- host reads
 @STEP_RULES
 @pytest.mark.parametrize("compile", ["off", "auto"])
