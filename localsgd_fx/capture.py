@@ -74,11 +74,15 @@ class CudaGraphs:
             yield
         torch.cuda.current_stream(self.device).wait_stream(side)
 
+    #: Only this thread's unsafe calls break a recording: in "global" mode a DataLoader's pin-memory thread
+    #: allocating pinned memory meanwhile breaks it, and the error then resurfaces in that thread's next batch
+    CAPTURE_ERROR_MODE = "thread_local"
+
     def record(self, block: Callable[[], Any]) -> _CudaRecording:
         """Record ``block`` (nothing of it runs); the recording's ``outputs`` are what ``block`` returned."""
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=self.CAPTURE_ERROR_MODE):
             outputs = block()
         return _CudaRecording(graph, outputs)
 

@@ -11,6 +11,7 @@ recorded paths. CUDA only: fp16 with a scaler runs eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -25,7 +26,7 @@ import models_zoo
 from helpers.replay import OpRecorder
 from helpers.steps import no_host_reads, small_net
 from localsgd_fx import compile_localsgd
-from localsgd_fx.capture import TrainStep, check_capturable
+from localsgd_fx.capture import CudaGraphs, TrainStep, check_capturable
 from localsgd_fx.cli import main as cli_main
 from localsgd_fx.rules import list_rules
 from localsgd_fx.supervision import MODES
@@ -205,6 +206,59 @@ def test_the_stand_in_refuses_what_capture_refuses_and_the_step_trains_on_eagerl
     assert not step.capture and step.account.captures == 0
     assert len(notes) == 1 and "recording the training step as a CUDA graph failed" in notes[0] and why in notes[0]
     assert all(not torch.equal(a, b) for a, b in zip(w[-2:], list(lm.parameters())[-2:]))   # it kept training
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_recording_survives_a_pin_memory_thread():
+    """A DataLoader with pin_memory=True keeps a thread that allocates pinned host memory: in CUDA's "global"
+    capture mode that breaks the recording and then the thread. The step records in "thread_local" mode."""
+    import threading
+    _, _, lm, _ = twins("hebbian", "cuda")
+    lm.set_transition(1)
+    step = TrainStep(lm, recordable_sgd(lm, "cuda"), F.cross_entropy)
+    stop, errors = threading.Event(), []
+
+    def pin_memory_thread():
+        held = []                       # kept alive, so every allocation is a fresh cudaHostAlloc (at most 80 MB)
+        while not stop.is_set() and len(held) < 20_000:
+            try:
+                held.append(torch.empty(1024, pin_memory=True))
+            except Exception as exc:   # reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=pin_memory_thread, daemon=True)
+    thread.start()
+    try:
+        for x, y in batches(TrainStep.WARMUP + 3, "cuda"):
+            step(x, y)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert step.capture and step.is_recorded(1) and step.account.captures == 1
+
+
+def test_recordings_are_made_in_thread_local_capture_mode(monkeypatch):
+    """On a CPU, with torch.cuda's recording calls stood in for: CudaGraphs asks for "thread_local" capture (the
+    CUDA test above is what shows why)."""
+    modes = []
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def fake_graph(graph, capture_error_mode="global", **kwargs):
+        modes.append(capture_error_mode)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    recording = CudaGraphs(torch.device("cuda")).record(lambda: "outputs")
+    assert modes == ["thread_local"] and recording.outputs == "outputs"
 
 
 @cuda
