@@ -22,8 +22,10 @@ What makes a replay correct (everything the step reads is a device tensor, nothi
 - autocast runs inside the recording with ``cache_enabled=False``.
 
 Falls back to the eager step (and says why, once) for: a CPU, a batch of another size than the
-recorded one (a partial last batch), fp16 with a ``GradScaler`` (its inf check reads the host), and a
-data-parallel wrapper. An optimizer whose step cannot be recorded is refused with one line.
+recorded one (a partial last batch), fp16 with a ``GradScaler`` (its inf check reads the host), a
+data-parallel wrapper, and an optimizer whose settings change after a recording (momentum cycled by
+``OneCycleLR``, a weight decay set by hand, a learning rate replaced by a float): a replay would go on
+with the recorded values. An optimizer whose step cannot be recorded is refused with one line.
 
 The device-specific part (a side stream for the warm-up, recording, replay) is one small object,
 :class:`CudaGraphs`; the tests hand :class:`TrainStep` a CPU stand-in with the same semantics (ops replayed
@@ -168,6 +170,8 @@ class TrainStep:
         t = self.model.transition
         recorded = self._graphs.get(t)
         if recorded is not None and recorded.fits(x, y):
+            if _settings(self.optimizer) != recorded.settings:
+                return self._stop_recording(recorded, x, y)
             self.model.driver.step()          # the recorded forward does not count steps: count it here
             recorded.replay(x, y)
             return recorded.loss, recorded.output
@@ -231,12 +235,25 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             return self.eager(x, y)
         # nothing ran yet: this batch is a step too, so replay it once
-        recorded = self._graphs[t] = _Recorded(recording, static_x, static_y, [p.grad for p in model.parameters()])
+        recorded = self._graphs[t] = _Recorded(recording, static_x, static_y, [p.grad for p in model.parameters()],
+                                               _settings(self.optimizer))
         model.driver.step()
         recording.replay()
         self.account.captures += 1
         self.account.capture_seconds += time.perf_counter() - start
         return recorded.loss, recorded.output
+
+    def _stop_recording(self, recorded: _Recorded, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The optimizer's settings changed since ``recorded`` was made, which baked them in: run eagerly from here."""
+        now = _settings(self.optimizer)
+        changed = sorted({key for before, after in zip(recorded.settings, now) for key in before
+                          if key not in after or after[key] != before[key]} or {"param groups"})
+        self.capture = False
+        self._graphs.clear()
+        self.log(f"note: the optimizer's {', '.join(changed)} changed after its step was recorded as a CUDA graph, "
+                 "which keeps the values it was recorded with; training steps run eagerly from here (a learning "
+                 "rate may change as a tensor filled in place, as torch's LR schedulers do)")
+        return self.eager(x, y)
 
     def _free_unreachable(self, t: int) -> None:
         """``t`` only grows (a move backwards needs force=True): graphs of smaller ``t`` are dead weight."""
@@ -250,15 +267,24 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
 
+def _settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """What a recording of ``optimizer.step()`` bakes in: every setting of every group, a tensor by identity (its
+    value is read on the device at each replay; another object would not be)."""
+    return [{key: id(value) if isinstance(value, Tensor) else value for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups]
+
+
 class _Recorded:
-    """One recorded step: the recording, its static inputs and outputs, and the gradients it writes."""
+    """One recorded step: the recording, its static inputs and outputs, the gradients it writes, and the optimizer
+    settings it was made with."""
 
-    __slots__ = ("recording", "x", "y", "loss", "output", "grads")
+    __slots__ = ("recording", "x", "y", "loss", "output", "grads", "settings")
 
-    def __init__(self, recording, x, y, grads):
+    def __init__(self, recording, x, y, grads, settings):
         self.recording, self.x, self.y = recording, x, y
         self.loss, self.output = recording.outputs
         self.grads = grads   # kept alive: the replays write into them
+        self.settings = settings
 
     def fits(self, x: Tensor, y: Tensor) -> bool:
         return x.shape == self.x.shape and y.shape == self.y.shape and x.stride() == self.x.stride()

@@ -208,6 +208,32 @@ def test_the_stand_in_refuses_what_capture_refuses_and_the_step_trains_on_eagerl
     assert all(not torch.equal(a, b) for a, b in zip(w[-2:], list(lm.parameters())[-2:]))   # it kept training
 
 
+@pytest.mark.parametrize("device", RECORDING)
+def test_an_optimizer_setting_changed_after_recording_turns_recording_off_with_a_note(device):
+    """OneCycleLR cycles SGD's momentum, a Python float a recording bakes in: the step notices the change before
+    the next replay, says so once, and trains on eagerly, exactly as the eager twin does."""
+    net, twin, lm, ref = twins("hebbian", device)
+    for m in (lm, ref):
+        m.set_transition(1)
+    opt, ref_opt = recordable_sgd(lm, device), recordable_sgd(ref, device)
+    data = batches(TrainStep.WARMUP + 5, device)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=len(data), cycle_momentum=True)
+                  for o in (opt, ref_opt)]
+    notes = []
+    step = TrainStep(lm, opt, F.cross_entropy, recorder=recorder(device), log=notes.append)
+    eager = TrainStep(ref, ref_opt, F.cross_entropy, capture=False)
+    for x, y in data:
+        a, _ = step(x, y)
+        b, _ = eager(x, y)
+        for scheduler in schedulers:
+            scheduler.step()
+        assert_agree(device, a, b, None, loose=False)
+    assert step.account.captures == 1 and not step.capture and not step.is_recorded(1)
+    assert len(notes) == 1 and "momentum changed after its step was recorded" in notes[0]
+    for p, q in zip(net.state_dict().values(), twin.state_dict().values()):
+        assert_agree(device, p, q, None, loose=True)
+
+
 @cuda
 @pytest.mark.cuda
 def test_cuda_recording_survives_a_pin_memory_thread():
