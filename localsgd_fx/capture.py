@@ -162,6 +162,10 @@ class TrainStep:
 
     # ----------------------------------------------------------------------------- the step
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if not (self.model.training and self.model.model.training):
+            # eager, eval mode would train the user's own model with no local prefix; a replay, the train graph
+            raise LocalSGDError("a training step of a model in eval mode: call model.train() before training steps "
+                                "(to keep BatchNorm statistics fixed, set the BatchNorm modules to eval() instead)")
         if not self.capture:
             return self.eager(x, y)
         if self.model.follow_modes((x,)):    # traced again: every recording holds the old graph

@@ -234,6 +234,24 @@ def test_an_optimizer_setting_changed_after_recording_turns_recording_off_with_a
         assert_agree(device, p, q, None, loose=True)
 
 
+def test_a_training_step_in_eval_mode_is_refused_with_the_fix():
+    """Eager, a step in eval mode would train the user's own model with no local prefix, and a replay would run
+    the train-mode graph: neither is what was asked, so the step refuses before touching anything."""
+    net, _, lm, _ = twins("hebbian")
+    lm.set_transition(1)
+    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
+    x, y = batches(1)[0]
+    before = [p.detach().clone() for p in net.parameters()]
+    for to_eval in (lm, net):                      # the wrapper, or the model itself (compile_localsgd(inplace=True))
+        to_eval.eval()
+        with pytest.raises(LocalSGDError, match=r"eval mode: call model\.train\(\)"):
+            step(x, y)
+        to_eval.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    step(x, y)
+    assert not torch.equal(before[-1], list(net.parameters())[-1])
+
+
 @cuda
 @pytest.mark.cuda
 def test_cuda_recording_survives_a_pin_memory_thread():
