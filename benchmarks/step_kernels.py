@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-fraction", type=float, default=None, help="default: the library's")
     parser.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each arm")
     args = parser.parse_args(argv)
-    amp = torch.bfloat16 if args.amp == "bf16" else None
-    shape = (args.batch_size, args.image_size, args.in_channels, amp, args.sample_fraction)
+    settings = dict(batch=args.batch_size, image=args.image_size, in_channels=args.in_channels,
+                    amp=torch.bfloat16 if args.amp == "bf16" else None, sample_fraction=args.sample_fraction)
 
     def run(rule: str, t: int) -> collections.Counter[str]:
-        return step_kernels(args.model, rule, t, shape[0], shape[1], shape[2], shape[3], shape[4])
+        return step_kernels(args.model, rule, t, **settings)
 
     sgd = run("freeze", 0)
     layers = len(compile_localsgd(models_zoo.get_model(args.model, num_classes=10, in_channels=args.in_channels),

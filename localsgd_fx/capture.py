@@ -174,8 +174,8 @@ class TrainStep:
         t = self.model.transition
         recorded = self._graphs.get(t)
         if recorded is not None and recorded.fits(x, y):
-            if _settings(self.optimizer) != recorded.settings:
-                return self._stop_recording(recorded, x, y)
+            if (settings := _settings(self.optimizer)) != recorded.settings:
+                return self._stop_recording(recorded.settings, settings, x, y)
             self.model.driver.step()          # the recorded forward does not count steps: count it here
             recorded.replay(x, y)
             return recorded.loss, recorded.output
@@ -247,10 +247,10 @@ class TrainStep:
         self.account.capture_seconds += time.perf_counter() - start
         return recorded.loss, recorded.output
 
-    def _stop_recording(self, recorded: _Recorded, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The optimizer's settings changed since ``recorded`` was made, which baked them in: run eagerly from here."""
-        now = _settings(self.optimizer)
-        changed = sorted({key for before, after in zip(recorded.settings, now) for key in before
+    def _stop_recording(self, recorded: list[dict[str, Any]], now: list[dict[str, Any]], x: Tensor,
+                        y: Tensor) -> tuple[Tensor, Tensor]:
+        """The optimizer settings are ``now``, not the ``recorded`` ones a recording baked in: run eagerly."""
+        changed = sorted({key for before, after in zip(recorded, now) for key in before
                           if key not in after or after[key] != before[key]} or {"param groups"})
         self.capture = False
         self._graphs.clear()

@@ -110,7 +110,7 @@ MUTANTS = [
            ("tests/test_capture.py::test_recordings_are_made_in_thread_local_capture_mode",)),
     Mutant("settings-unchecked", "replays go on after the optimizer's momentum changed (the recording keeps the old)",
            "localsgd_fx/capture.py",
-           "            if _settings(self.optimizer) != recorded.settings:\n", "            if False:\n",
+           "            if (settings := _settings(self.optimizer)) != recorded.settings:\n", "            if False:\n",
            ("tests/test_capture.py::test_an_optimizer_setting_changed_after_recording_turns_recording_off_with_a_note",)),
     Mutant("step-host-tensor", "the step makes a tensor from host data (a host-to-device copy capture refuses)",
            "localsgd_fx/supervision.py", "        ok = torch.isfinite(loss)\n",

@@ -415,24 +415,35 @@ def test_the_end_to_end_gpu_comparison_runs_through_on_the_stand_in(data_dir, tm
     assert "SGD capture" in capsys.readouterr().out
 
 
+def record_beside_eager(net, options: dict, data, t_at):
+    """Twin modules of ``net`` (``compile_localsgd(**options)``), one stepped recorded on the stand-in, one
+    eagerly, over ``data`` at ``t = t_at(i, module)`` for batch ``i``; every loss must agree exactly (random ops
+    draw the same in both). Returns the recorded step and the two modules."""
+    twin = copy.deepcopy(net)
+    lm, ref = compile_localsgd(net, **options), compile_localsgd(twin, **options)
+    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
+    eager = TrainStep(ref, recordable_sgd(ref, "cpu"), F.cross_entropy, capture=False)
+    for i, (x, y) in enumerate(data):
+        for m in (lm, ref):
+            if m.transition != t_at(i, m):
+                m.set_transition(t_at(i, m))
+        torch.manual_seed(i)
+        a, _ = step(x, y)
+        torch.manual_seed(i)
+        b, _ = eager(x, y)
+        assert torch.equal(a, b), i
+    return step, lm, ref
+
+
 @pytest.mark.parametrize("name", models_zoo.list_models())
 def test_every_zoo_model_records_exactly_on_the_stand_in(name):
     """A recorded Hebbian step of every zoo model (residual adds, concatenations, depthwise convs, dropout)
     replays the eager step exactly: nothing a model computes on the host is baked into its recording."""
     torch.manual_seed(0)
     net = models_zoo.get_model(name, num_classes=10, in_channels=1)
-    twin = copy.deepcopy(net)
-    lm, ref = (compile_localsgd(m, rule="hebbian", schedule="manual") for m in (net, twin))
-    for m in (lm, ref):
-        m.set_transition(m.max_local // 2)
-    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
-    eager = TrainStep(ref, recordable_sgd(ref, "cpu"), F.cross_entropy, capture=False)
-    for i, (x, y) in enumerate(batches(TrainStep.WARMUP + 3, size=4, shape=(1, 32, 32), classes=10)):
-        torch.manual_seed(i)              # dropout draws the same masks in both
-        a, _ = step(x, y)
-        torch.manual_seed(i)
-        b, _ = eager(x, y)
-        assert torch.equal(a, b), i
+    step, lm, ref = record_beside_eager(net, dict(rule="hebbian", schedule="manual"),
+                                        batches(TrainStep.WARMUP + 3, size=4, shape=(1, 32, 32), classes=10),
+                                        lambda i, m: m.max_local // 2)
     assert step.account.captures == 1
     state = [[*m.parameters(), *m.buffers()] for m in (lm, ref)]
     assert all(torch.equal(p, q) for p, q in zip(*state))
@@ -444,21 +455,10 @@ def test_every_local_rule_records_exactly_on_the_stand_in(rule, weak_supervision
     """Every registered local rule under every weak-supervision mode: its recorded step replays the eager step
     exactly, across a move of t (what the rule and the supervision compute stays on the device)."""
     torch.manual_seed(0)
-    net = small_net()
-    twin = copy.deepcopy(net)
-    kwargs = dict(rule=rule, schedule="manual", local_lr=0.05, weak_supervision=weak_supervision)
-    lm, ref = compile_localsgd(net, **kwargs), compile_localsgd(twin, **kwargs)
-    for m in (lm, ref):
-        m.set_transition(1)
-    step = TrainStep(lm, recordable_sgd(lm, "cpu"), F.cross_entropy, recorder=OpRecorder())
-    eager = TrainStep(ref, recordable_sgd(ref, "cpu"), F.cross_entropy, capture=False)
-    for i, (x, y) in enumerate(batches(2 * (TrainStep.WARMUP + 2))):
-        if i == TrainStep.WARMUP + 2:
-            lm.set_transition(2)
-            ref.set_transition(2)
-        a, _ = step(x, y)
-        b, _ = eager(x, y)
-        assert torch.equal(a, b), i
+    per_t = TrainStep.WARMUP + 2
+    step, lm, ref = record_beside_eager(
+        small_net(), dict(rule=rule, schedule="manual", local_lr=0.05, weak_supervision=weak_supervision),
+        batches(2 * per_t), lambda i, m: 1 if i < per_t else 2)
     assert step.account.captures == 2 and step.capture          # t = 1 and t = 2, each recorded, none refused
     state = [[*m.parameters(), *m.buffers()] for m in (lm, ref)]
     assert all(torch.equal(p, q) for p, q in zip(*state))

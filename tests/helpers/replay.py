@@ -31,24 +31,26 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["OpRecorder"]
 
 aten = torch.ops.aten
-# ops that read a tensor's value on the host (a device-to-host sync on CUDA, refused while capturing)
-HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
-# ops whose output size depends on tensor values: on CUDA they read the size on the host
-VALUE_SIZED = {aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
-               aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+# what capture refuses, by op: the reason is the error's words
+REFUSED = {
+    # a tensor's value read on the host (a device-to-host sync on CUDA)
+    **dict.fromkeys([aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default,
+                     aten.equal.default], "reads a tensor on the host"),
+    # an output sized by tensor values: on CUDA the size is read on the host
+    **dict.fromkeys([aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
+                     aten.unique_consecutive.default, aten.repeat_interleave.Tensor],
+                    "sizes its output by tensor values (a host read)"),
+    # torch.tensor / as_tensor / from_numpy of host data: on CUDA a host-to-device copy (the value baked in anyway)
+    **dict.fromkeys([aten.lift_fresh.default, aten.lift_fresh_copy.default], "makes a tensor from host data"),
+}
+# indexing with a boolean mask (``x[mask]``, ``x[mask] = v``) runs a nonzero inside the op
 MASK_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 
-def _reads_sizes_on_the_host(func, args) -> bool:
-    """A value-sized op, or indexing with a boolean mask (``x[mask]``, ``x[mask] = v``: a nonzero inside)."""
-    if func in VALUE_SIZED:
-        return True
-    return func in MASK_INDEXED and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-
-
-# torch.tensor / as_tensor / from_numpy of host data inside the step: on CUDA a host-to-device copy, which capture
-# refuses (and which would bake the value in any case)
-HOST_DATA = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+def _why_capture_refuses(func, args) -> str | None:
+    if func in MASK_INDEXED and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+        return REFUSED[aten.masked_select.default]
+    return REFUSED.get(func)
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -66,12 +68,8 @@ class _Log(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in HOST_READS:
-            raise RuntimeError(f"emulated CUDA graph capture: {func} reads a tensor on the host")
-        if _reads_sizes_on_the_host(func, args):
-            raise RuntimeError(f"emulated CUDA graph capture: {func} sizes its output by tensor values (a host read)")
-        if func in HOST_DATA:
-            raise RuntimeError(f"emulated CUDA graph capture: {func} makes a tensor from host data")
+        if (why := _why_capture_refuses(func, args)) is not None:
+            raise RuntimeError(f"emulated CUDA graph capture: {func} {why}")
         # every tensor the op touches, not only those its schema marks as written: some schemas under-report
         # (native_batch_norm updates its running statistics with no "!" on them)
         for tensor in _tensors((args, kwargs)):
